@@ -1,0 +1,35 @@
+"""jaxcnn: convolutional networks in JAX whose every backward pass is derived by hand from the lecture notes.
+
+Each op takes ``grad="hand"`` (default: a ``jax.custom_vjp`` reproducing the notes' formula) or
+``grad="autodiff"`` (JAX differentiating the very same forward pass). See docs/formulas.md for the formula map.
+"""
+
+from jaxcnn.ops import (
+    avg_pool2d,
+    conv2d,
+    conv_relu_pool,
+    dense,
+    max_pool2d,
+    output_size,
+    relu,
+    sigmoid,
+    softmax_cross_entropy,
+    squared_error,
+    tanh,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "avg_pool2d",
+    "conv2d",
+    "conv_relu_pool",
+    "dense",
+    "max_pool2d",
+    "output_size",
+    "relu",
+    "sigmoid",
+    "softmax_cross_entropy",
+    "squared_error",
+    "tanh",
+]

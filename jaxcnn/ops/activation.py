@@ -1,0 +1,84 @@
+r"""Elementwise activations sigma with hand-derived backward rules, Delta (.) sigma'(S) (Lin, general form of eq. 16).
+
+Each hand rule keeps only the activation's *output* y = sigma(S), never S, and writes sigma' in terms of y:
+
+    relu     sigma'(S) = I[S > 0] = I[y > 0]        (Lin: sigma'(0) = 0; Ray "BP for a ReLU layer")
+    sigmoid  sigma'(S) = (1 - y) y                   (Sadeghzadeh: PyTorch's Sigmoid_updateGradInput)
+    tanh     sigma'(S) = 1 - y^2
+
+ReLU's forward is written ``where(S > 0, S, 0)``, which JAX differentiates branchwise, so autodiff also gives 0 at
+S = 0. Written as ``maximum(S, 0)`` it would give 1/2 there: JAX shares the derivative of a max between tied
+arguments (see tests/ops/test_activation.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcnn.ops import _args
+
+
+def relu_forward(s: jax.Array) -> jax.Array:
+    return jnp.where(s > 0, s, jnp.zeros((), s.dtype))
+
+
+def _elementwise(name: str, forward: Callable, slope_from_output: Callable, doc: str):
+    """Build the public op ``name(x, *, grad)`` from its forward and sigma' written in terms of y = sigma(S)."""
+
+    @jax.custom_vjp
+    def hand(s):
+        return forward(s)
+
+    def hand_fwd(s):
+        y = forward(s)
+        return y, y
+
+    def hand_bwd(y, delta):
+        return (delta * slope_from_output(y),)
+
+    hand.defvjp(hand_fwd, hand_bwd)
+
+    def op(x: jax.Array, *, grad: str = "hand") -> jax.Array:
+        x = _args.array(name, "x", x)
+        _args.choice(name, "grad", grad, _args.GRAD_MODES)
+        return forward(x) if grad == "autodiff" else hand(x)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = doc
+    return op
+
+
+relu = _elementwise(
+    "relu", relu_forward, lambda y: (y > 0).astype(y.dtype),
+    """ReLU sigma(S) = max(S, 0); hand backward Delta (.) I[y > 0] (Lin eq. 16 and 22, sigma'(0) = 0).
+
+    Args:
+      x: any shape, floating point.
+      grad: "hand" or "autodiff" (both give 0 at S = 0, see the module docstring).
+    """,
+)
+
+sigmoid = _elementwise(
+    "sigmoid", lax.logistic, lambda y: (1 - y) * y,
+    """Logistic sigmoid 1 / (1 + e^{-S}); hand backward Delta (.) (1 - y) y from the stored output y
+    (Sadeghzadeh, "PyTorch sigmoid layer").
+
+    Args:
+      x: any shape, floating point.
+      grad: "hand" or "autodiff".
+    """,
+)
+
+tanh = _elementwise(
+    "tanh", jnp.tanh, lambda y: (1 - y) * (1 + y),  # = 1 - y^2; 1 - y is exact near |y| = 1 (bfloat16)
+    """Hyperbolic tangent; hand backward Delta (.) (1 - y^2) from the stored output y.
+
+    Args:
+      x: any shape, floating point.
+      grad: "hand" or "autodiff".
+    """,
+)

@@ -1,0 +1,88 @@
+r"""Fused convolution + ReLU + max pooling block: Lin's "summary of operations" as one custom VJP.
+
+Forward (Lin eq. 3): S = W phi(pad(Z^m)) + b 1^T, Z^{m+1} = mat(P_pool vec(relu(S))).
+
+A chain of separate ops must keep S (or relu's mask) at full conv-output size for the ReLU backward. Lin's
+eq. (24) avoids it: a window's maximum is > 0 exactly when ReLU passed it, so the mask can be read from the
+*pooled* output instead::
+
+    dxi/dvec(S)^T = (dxi/dvec(Z^{m+1})^T (.) vec(I[Z^{m+1}])^T) P_pool     eq. (24), (26)
+    dxi/dW        = Delta phi(pad(Z^m))^T                                 eq. (27)
+    dxi/dvec(Z^m)^T = vec(W^T Delta)^T P_phi P_pad                        eq. (28)
+
+So the block saves only its input Z^m, its output Z^{m+1} (which the next layer saves anyway) and P_pool as one
+int8 index per output entry. Lin's last step, Delta (.) I[Z^m], is the previous block's eq. (26) mask.
+eq. (23) and eq. (24) agree: where the pooled value is 0 the window held no positive S, and every window entry
+that P_pool did not select gets no gradient either way.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+
+from jaxcnn.ops import _args, conv
+from jaxcnn.ops._windows import Window
+from jaxcnn.ops.activation import relu_forward
+from jaxcnn.ops.pool import max_forward, max_with_index, route
+
+
+def conv_relu_pool(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: str | int | tuple = 0,
+    dilation: int | tuple[int, int] = 1,
+    pool: int | tuple[int, int] = 2,
+    grad: str = "hand",
+    rule: str = "im2col",
+) -> jax.Array:
+    """``max_pool2d(relu(conv2d(x, w, b)), pool)`` as one op whose hand backward is Lin eq. (24), (26)-(28).
+
+    Args:
+      x, w, b, stride, padding, dilation, rule: as ``conv2d``.
+      pool: max-pooling window, int or (ph, pw); its stride is the window (non-overlapping, as in Lin).
+      grad: "hand" (fused rule, saves only Z^m, Z^{m+1} and P_pool) or "autodiff" (JAX through the same chain).
+
+    Returns:
+      Z^{m+1}, [N, Ho // ph, Wo // pw, C_out] where Ho, Wo are conv2d's output size.
+    """
+    op = "conv_relu_pool"
+    x, w, b, window = conv.check(op, x, w, b, stride, padding, dilation)
+    size = _args.positive_pair(op, "pool", pool)
+    pool_window = Window(size, size, (1, 1), ((0, 0), (0, 0)))
+    conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
+    _args.choice(op, "grad", grad, _args.GRAD_MODES)
+    _args.choice(op, "rule", rule, _args.CONV_RULES)
+    if grad == "autodiff":
+        return forward(window, pool_window, x, w, b)
+    return _block_hand(rule, window, pool_window, x, w, b)
+
+
+def forward(window: Window, pool_window: Window, x, w, b) -> jax.Array:
+    """The one forward pass, shared by both gradient modes: conv, then ReLU, then max pooling."""
+    return max_forward(pool_window, relu_forward(conv.forward(window, x, w, b)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _block_hand(rule, window, pool_window, x, w, b):
+    return forward(window, pool_window, x, w, b)
+
+
+def _block_hand_fwd(rule, window, pool_window, x, w, b):
+    z_next, index = max_with_index(pool_window, relu_forward(conv.forward(window, x, w, b)))
+    return z_next, (x, w, b, z_next, index)
+
+
+def _block_hand_bwd(rule, window, pool_window, res, delta):
+    x, w, b, z_next, index = res
+    delta = delta * (z_next > 0)  # eq. (26): Delta (.) I[Z^{m+1}]
+    delta = route(pool_window, index, delta, window.out_hw(x.shape[1:3]))  # ... P_pool
+    dx, dw, db = conv.backward(rule, window, x, w, delta)  # eq. (27), (28); db eq. (14)
+    return dx, dw, None if b is None else db
+
+
+_block_hand.defvjp(_block_hand_fwd, _block_hand_bwd)

@@ -1,0 +1,181 @@
+r"""2-D convolution (cross-correlation, as in every CNN library) with two hand-derived backward rules.
+
+Forward, Lin eq. (3), in NHWC/HWIO::
+
+    S = W phi(pad(Z)) + b 1^T        phi(pad(Z)): [N, Ho, Wo, kh*kw*C_in]   W: w.reshape(kh*kw*C_in, C_out)
+
+Our rows are output positions, so ``S = phi(pad(Z)) @ w2 + b``: the notes' W^m is ``w2.T`` and their columns are
+our rows (their patch entries are ordered column-major, ours (kernel row, kernel column, channel) row-major).
+
+Backward, ``rule="im2col"`` (Lin, with Delta = dxi/dS)::
+
+    dW = Delta phi(pad(Z))^T                 eq. (12)      ours: phi^T @ Delta            [kh*kw*C_in, C_out]
+    db = Delta 1                             eq. (14)      ours: Delta summed over N, Ho, Wo
+    dZ = vec(W^T Delta)^T P_phi P_pad        eq. (18)      ours: crop(unpatches(Delta @ w2^T))
+
+phi(pad(Z)) is recomputed in the backward pass rather than stored (Lin, "Storing phi(pad(Z))": it trades space for
+time).
+
+Backward, ``rule="flip"`` (Ray; DD2424 "write back-prop eqn through convolution as a convolution"). Ray derives it
+for stride 1 and no dilation; the general case, one channel pair, 0-based, Zp = pad(Z), stride s, dilation d::
+
+    S[o]   = sum_i Zp[o s + i d] K[i]
+    dK[i]  = sum_o Zp[o s + i d] Delta[o]
+           = (Zp  (*)_{stride d}  dil_s(Delta))[i]                       Ray: dK = I * dJ
+    dZp[p] = sum_{o, i : o s + i d = p} Delta[o] K[i]
+           = (pad_{(k-1)d}(dil_s(Delta))  (*)  dil_d(rot180(K)))[p]      Ray: dI = pad(dJ) * flip(K)
+
+where (*) is correlation, dil_s inserts s - 1 zeros between entries and pad_q adds q zeros on both sides. Check of
+the second line: output p of the full correlation sums Delta[o] K[i] over o s = p - i d, i.e. exactly the pairs
+that read Zp[p]. With channels, dK sums over the batch (N and C_in swap roles: the batch is contracted) and dZ sums
+over C_out (the kernel's in/out axes swap: DD2424's sum_i G_i * F_{2i}^rot180). Finally dZ = P_pad^T dZp: only the
+rows of Zp inside Z survive; rows dropped by the stride (not fitting) get zero gradient. Both correlations are
+``lax.conv_general_dilated`` calls: ``rhs_dilation`` / ``lhs_dilation`` insert the zeros, ``window_strides`` is
+the stride d, and padding (possibly negative, i.e. cropping) does pad_{(k-1)d} and P_pad^T in one go.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcnn.ops import _args
+from jaxcnn.ops._windows import Window, crop, pad, patches, unpatches
+
+
+def conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: str | int | tuple = 0,
+    dilation: int | tuple[int, int] = 1,
+    grad: str = "hand",
+    rule: str = "im2col",
+) -> jax.Array:
+    """2-D convolution ``S = W phi(pad(Z)) + b 1^T`` (Lin eq. 3) with a hand-derived or autodiff gradient.
+
+    Args:
+      x: input Z, [N, H, W, C_in].
+      w: kernel, [kh, kw, C_in, C_out] (HWIO).
+      b: optional bias, [C_out].
+      stride: int or (sh, sw), >= 1.
+      padding: "VALID", "SAME", an int, (ph, pw) or ((top, bottom), (left, right)); zeros are added.
+      dilation: int or (dh, dw), >= 1: kernel taps are ``dilation`` apart.
+      grad: "hand" (custom VJP following the notes) or "autodiff" (JAX differentiates the same forward).
+      rule: hand rule: "im2col" (Lin eq. 12, 14, 18) or "flip" (Ray / DD2424, generalised to stride and
+        dilation). Ignored when ``grad="autodiff"``.
+
+    Returns:
+      S, [N, Ho, Wo, C_out] with Ho = floor((H + top + bottom - dh*(kh-1) - 1) / sh) + 1 and likewise Wo.
+    """
+    x, w, b, window = check("conv2d", x, w, b, stride, padding, dilation)
+    _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
+    _args.choice("conv2d", "rule", rule, _args.CONV_RULES)
+    if grad == "autodiff":
+        return forward(window, x, w, b)
+    return _conv_hand(rule, window, x, w, b)
+
+
+def check(op: str, x, w, b, stride, padding, dilation) -> tuple[jax.Array, jax.Array, jax.Array | None, Window]:
+    """Validate conv arguments and resolve them into arrays and a static ``Window``."""
+    x = _args.array(op, "x", x, rank=4, layout="[N, H, W, C_in]")
+    w = _args.array(op, "w", w, rank=4, layout="[kh, kw, C_in, C_out] (HWIO)")
+    if b is not None:
+        b = _args.array(op, "b", b, rank=1, layout="[C_out]")
+        if b.shape[0] != w.shape[3]:
+            raise ValueError(f"{op}: b must have shape ({w.shape[3]},) to match w's C_out, got {tuple(b.shape)}")
+    if w.shape[2] != x.shape[3]:
+        raise ValueError(f"{op}: channel mismatch: x has C_in={x.shape[3]} (x.shape[3]) but w expects "
+                         f"C_in={w.shape[2]} (w.shape[2]); x is NHWC and w is HWIO")
+    _args.same_dtype(op, x=x, w=w, b=b)
+    stride = _args.positive_pair(op, "stride", stride)
+    dilation = _args.positive_pair(op, "dilation", dilation)
+    size = (w.shape[0], w.shape[1])
+    if min(size) < 1:
+        raise ValueError(f"{op}: w must have a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    window = Window(size, stride, dilation, ((0, 0), (0, 0)))
+    in_hw = (x.shape[1], x.shape[2])
+    window = window._replace(padding=_args.padding(op, padding, in_hw, window.extent, stride))
+    fits(op, "kernel", window, in_hw)
+    return x, w, b, window
+
+
+def fits(op: str, what: str, window: Window, in_hw, into: str = "input") -> None:
+    """The (dilated) window must fit inside the padded input, else there is no output position."""
+    for axis, n, e in zip(("height", "width"), window.padded_hw(in_hw), window.extent):
+        if e > n:
+            raise ValueError(f"{op}: the {what} spans {e} in {axis} (dilation included) but the {into} has only "
+                             f"{n} (padding included); use a smaller {what}, a larger {into} or more padding")
+
+
+def phi(window: Window, x: jax.Array) -> jax.Array:
+    """phi(pad(Z)) (Lin eq. 3): [N, Ho, Wo, kh*kw*C_in], one row per output position, HWIO order."""
+    return jnp.concatenate(patches(pad(x, window), window), axis=-1)
+
+
+def forward(window: Window, x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """The one forward pass of conv2d, shared by both gradient modes: phi(pad(Z)) @ w2 (+ b)."""
+    s = jnp.matmul(phi(window, x), w.reshape(-1, w.shape[3]))
+    return s if b is None else s + b
+
+
+def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
+    """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
+    db = delta.sum(axis=(0, 1, 2))  # eq. (14): Delta 1
+    if rule == "im2col":
+        return (*_im2col_backward(window, x, w, delta), db)
+    return (*_flip_backward(window, x, w, delta), db)
+
+
+def _im2col_backward(window: Window, x, w, delta):
+    c_out = w.shape[3]
+    rows = delta.reshape(-1, c_out)
+    dw = jnp.matmul(phi(window, x).reshape(rows.shape[0], -1).T, rows).reshape(w.shape)  # eq. (12)
+    dphi = jnp.matmul(delta, w.reshape(-1, c_out).T)  # W^T Delta, eq. (18)
+    blocks = jnp.split(dphi, len(window.offsets()), axis=-1)
+    in_hw = x.shape[1:3]
+    dx = crop(unpatches(blocks, window, window.padded_hw(in_hw)), window, in_hw)  # P_phi^T then P_pad^T
+    return dx, dw
+
+
+def _flip_backward(window: Window, x, w, delta):
+    in_hw, out_hw = x.shape[1:3], delta.shape[1:3]
+    # Rows of pad(Z) past the last window are never read: crop them (negative high padding) so that the
+    # correlation Zp (*) dil_s(Delta) has exactly kh x kw outputs.
+    used = [(o - 1) * s + e for o, s, e in zip(out_hw, window.stride, window.extent)]
+    dw_pad = [(lo, u - lo - n) for (lo, _), n, u in zip(window.padding, in_hw, used)]
+    dw = lax.conv_general_dilated(
+        x, delta, window_strides=window.dilation, padding=dw_pad, rhs_dilation=window.stride,
+        dimension_numbers=("CHWN", "IHWO", "HWNC"),  # contract over N: C_in plays the batch
+    )
+    # Full correlation with rot180(K), then P_pad^T: low pad (k-1)d - top, high pad chosen so that H rows remain.
+    dx_pad = [(e - 1 - lo, n + lo - (o - 1) * s - 1)
+              for (lo, _), n, o, s, e in zip(window.padding, in_hw, out_hw, window.stride, window.extent)]
+    dx = lax.conv_general_dilated(
+        delta, w[::-1, ::-1], window_strides=(1, 1), padding=dx_pad, lhs_dilation=window.stride,
+        rhs_dilation=window.dilation, dimension_numbers=("NHWC", "HWOI", "NHWC"),  # kernel in/out swapped
+    )
+    return dx, dw
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _conv_hand(rule, window, x, w, b):
+    return forward(window, x, w, b)
+
+
+def _conv_hand_fwd(rule, window, x, w, b):
+    return forward(window, x, w, b), (x, w, b)
+
+
+def _conv_hand_bwd(rule, window, res, delta):
+    x, w, b = res
+    dx, dw, db = backward(rule, window, x, w, delta)
+    return dx, dw, None if b is None else db
+
+
+_conv_hand.defvjp(_conv_hand_fwd, _conv_hand_bwd)

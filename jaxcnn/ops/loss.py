@@ -1,0 +1,126 @@
+"""Losses xi(z; y) averaged over the batch, with hand-derived gradients (the first Delta of the backward pass).
+
+    squared_error          xi = ||z - y||^2            dxi/dz = 2 (z - y)          (Lin, "Fully-connected Layers III")
+    softmax_cross_entropy  xi = -sum_j y_j log p_j     dxi/dz = p sum_j y_j - y    (Sadeghzadeh: p - y for one-hot y)
+                           p = softmax(z)
+
+Both return the mean over the batch, (1/N) sum_i xi_i (the data term of Lin eq. 1), so their gradients carry 1/N.
+Targets ``y`` may be integer class labels [N] (turned into one-hot rows) or float rows [N, K]. Half-precision
+inputs are evaluated in float32 and the loss is returned in float32; gradients come back in the input dtypes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn.ops import _args
+
+
+def squared_error(z: jax.Array, y: jax.Array, *, grad: str = "hand") -> jax.Array:
+    """Mean over the batch of ||z - y||^2 (Lin's squared loss); hand gradient 2 (z - y) / N.
+
+    Args:
+      z: network outputs, [N, K].
+      y: targets: int labels [N] (compared with one-hot rows) or floats [N, K].
+      grad: "hand" or "autodiff".
+    """
+    z, y = _inputs("squared_error", ("z", z), ("y", y), grad)
+    return squared_error_forward(z, y) if grad == "autodiff" else _squared_error(z, y)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, grad: str = "hand") -> jax.Array:
+    """Mean over the batch of -sum_j y_j log softmax(z)_j, computed stably with logsumexp; hand gradient
+    (softmax(z) sum_j y_j - y) / N, i.e. (softmax(z) - y) / N for one-hot or probability rows (Sadeghzadeh).
+
+    Args:
+      logits: z, [N, K].
+      labels: int labels [N] in [0, K), or one-hot / probability rows [N, K].
+      grad: "hand" or "autodiff".
+    """
+    z, y = _inputs("softmax_cross_entropy", ("logits", logits), ("labels", labels), grad)
+    return cross_entropy_forward(z, y) if grad == "autodiff" else _cross_entropy(z, y)
+
+
+def _inputs(op: str, z_arg, y_arg, grad: str) -> tuple[jax.Array, jax.Array]:
+    """Check the outputs [N, K] and targets; integer labels become one-hot rows (no gradient flows to them)."""
+    (z_name, z), (y_name, y) = z_arg, y_arg
+    _args.choice(op, "grad", grad, _args.GRAD_MODES)
+    z = _args.array(op, z_name, z, rank=2, layout="[N, K]")
+    n, k = z.shape
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        if y.shape != (n,):
+            raise ValueError(f"{op}: integer {y_name} must have shape ({n},) to match {z_name} [N={n}, K={k}], "
+                             f"got {tuple(y.shape)}")
+        if not isinstance(y, jax.core.Tracer) and y.size:  # concrete labels (even inside jit): check on host
+            values = np.asarray(y)
+            if values.min() < 0 or values.max() >= k:
+                raise ValueError(f"{op}: {y_name} must lie in [0, {k}) for K={k} classes, got values from "
+                                 f"{values.min()} to {values.max()}")
+        return z, jax.nn.one_hot(y, k, dtype=z.dtype)
+    y = _args.array(op, y_name, y)
+    if y.shape != z.shape:
+        raise ValueError(f"{op}: float {y_name} must have the shape of {z_name} {tuple(z.shape)}, "
+                         f"got {tuple(y.shape)}")
+    return z, y
+
+
+def _compute_dtype(*arrays: jax.Array):
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def squared_error_forward(z: jax.Array, y: jax.Array) -> jax.Array:
+    ct = _compute_dtype(z, y)
+    r = z.astype(ct) - y.astype(ct)
+    return jnp.sum(r * r) / z.shape[0]
+
+
+def cross_entropy_forward(z: jax.Array, y: jax.Array) -> jax.Array:
+    ct = _compute_dtype(z, y)
+    z, y = z.astype(ct), y.astype(ct)
+    log_p = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    return -jnp.sum(y * log_p) / z.shape[0]
+
+
+@jax.custom_vjp
+def _squared_error(z, y):
+    return squared_error_forward(z, y)
+
+
+def _squared_error_fwd(z, y):
+    return squared_error_forward(z, y), (z, y)
+
+
+def _squared_error_bwd(res, g):
+    z, y = res
+    ct = _compute_dtype(z, y)
+    dz = g * 2 * (z.astype(ct) - y.astype(ct)) / z.shape[0]
+    return dz.astype(z.dtype), (-dz).astype(y.dtype)
+
+
+_squared_error.defvjp(_squared_error_fwd, _squared_error_bwd)
+
+
+@jax.custom_vjp
+def _cross_entropy(z, y):
+    return cross_entropy_forward(z, y)
+
+
+def _cross_entropy_fwd(z, y):
+    return cross_entropy_forward(z, y), (z, y)
+
+
+def _cross_entropy_bwd(res, g):
+    z, y = res
+    ct = _compute_dtype(z, y)
+    z32, y32 = z.astype(ct), y.astype(ct)
+    log_p = z32 - jax.nn.logsumexp(z32, axis=-1, keepdims=True)
+    scale = g / z.shape[0]
+    dz = scale * (jnp.exp(log_p) * y32.sum(axis=-1, keepdims=True) - y32)
+    dy = -scale * log_p
+    return dz.astype(z.dtype), dy.astype(y.dtype)
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)

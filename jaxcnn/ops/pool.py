@@ -1,0 +1,144 @@
+"""Max and average pooling with hand-derived backward rules.
+
+Max pooling (Lin eq. 3, 16, 23; Ray "BP for a max pooling layer"; DD2424 A_MaxPool)::
+
+    Z^{m+1} = mat(P_pool vec(sigma(S)))            P_pool: one 1 per row, at the window's maximum
+    dxi/dvec(sigma(S))^T = dxi/dvec(Z^{m+1})^T P_pool
+
+P_pool is "not a constant 0/1 matrix" (Lin): the forward pass picks it. We keep it as one index per output
+entry, the offset of the window's *first* maximum in row-major window order (Ray: "in case of a tie, only a single
+index is chosen"), stored as int8. The backward pass is Delta^T P_pool: each Delta entry goes to that one position,
+and positions covered by several (overlapping) windows add up.
+
+Autodiff differentiates the same forward, a max over the window's entries, and at a tie shares the cotangent
+equally among the tied entries. Hand and autodiff therefore differ exactly at tied windows, and nowhere else.
+
+Average pooling is the linear map A_AvgPool = (1/K) sum of the window's entries (K = window area, padding counted
+as zeros: it equals a depthwise convolution with a constant 1/K filter); its backward spreads Delta / K evenly.
+
+The stride defaults to the window (non-overlapping regions), as in the notes and PyTorch; stax, Flax and Equinox
+default to 1.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn.ops import _args
+from jaxcnn.ops._windows import Window, crop, pad, patches, unpatches
+from jaxcnn.ops.conv import fits
+
+
+def max_pool2d(x: jax.Array, window=2, stride=None, padding="VALID", *, grad: str = "hand") -> jax.Array:
+    """Max pooling ``Z = mat(P_pool vec(x))`` (Lin eq. 3) with backward ``Delta^T P_pool`` (Lin eq. 16, 23).
+
+    Args:
+      x: [N, H, W, C].
+      window: int or (wh, ww), >= 1.
+      stride: int or (sh, sw); defaults to ``window`` (non-overlapping, as in the notes).
+      padding: "VALID", "SAME", an int, (ph, pw) or ((top, bottom), (left, right)); padded entries are -inf and
+        never selected. Each side's padding must be smaller than the window so every window sees real entries.
+      grad: "hand" (route Delta to the first maximum, Ray) or "autodiff" (JAX: ties share Delta equally).
+
+    Returns:
+      [N, Ho, Wo, C], Ho = floor((H + top + bottom - wh) / sh) + 1 (DD2424: (w - r)/s + 1).
+    """
+    x, win = check("max_pool2d", x, window, stride, padding)
+    _args.choice("max_pool2d", "grad", grad, _args.GRAD_MODES)
+    if grad == "autodiff":
+        return max_forward(win, x)
+    return _max_hand(win, x.shape[1:3], x)
+
+
+def avg_pool2d(x: jax.Array, window=2, stride=None, padding="VALID", *, grad: str = "hand") -> jax.Array:
+    """Average pooling ``Z = A_AvgPool vec(x)`` (DD2424): the mean of each window, padding counted as zeros.
+
+    Arguments as ``max_pool2d``. The hand backward is A_AvgPool^T: each Delta entry spread as Delta / K over its
+    window (K = window area).
+    """
+    x, win = check("avg_pool2d", x, window, stride, padding)
+    _args.choice("avg_pool2d", "grad", grad, _args.GRAD_MODES)
+    if grad == "autodiff":
+        return avg_forward(win, x)
+    return _avg_hand(win, x.shape[1:3], x)
+
+
+def check(op: str, x, window, stride, padding) -> tuple[jax.Array, Window]:
+    x = _args.array(op, "x", x, rank=4, layout="[N, H, W, C]")
+    size = _args.positive_pair(op, "window", window)
+    stride = size if stride is None else _args.positive_pair(op, "stride", stride)
+    in_hw = (x.shape[1], x.shape[2])
+    win = Window(size, stride, (1, 1), _args.padding(op, padding, in_hw, size, stride))
+    for axis, (lo, hi), k in zip(("height", "width"), win.padding, size):
+        if max(lo, hi) >= k:
+            raise ValueError(f"{op}: padding {(lo, hi)} in {axis} must be smaller than the window ({k}) on each "
+                             f"side, or some windows would hold only padding")
+    fits(op, "window", win, in_hw)
+    return x, win
+
+
+def _windows(win: Window, x: jax.Array, fill: float) -> jax.Array:
+    """The K entries of every window, stacked last: [N, Ho, Wo, C, K] (K in row-major window order)."""
+    return jnp.stack(patches(pad(x, win, fill), win), axis=-1)
+
+
+def max_forward(win: Window, x: jax.Array) -> jax.Array:
+    """The one forward pass of max pooling: the max over each window."""
+    return _windows(win, x, -jnp.inf).max(axis=-1)
+
+
+def max_with_index(win: Window, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Forward pass and P_pool: the max of each window and the offset (int8 or int32) of its first maximum."""
+    stacked = _windows(win, x, -jnp.inf)
+    index_dtype = jnp.int8 if stacked.shape[-1] <= 127 else jnp.int32
+    return stacked.max(axis=-1), jnp.argmax(stacked, axis=-1).astype(index_dtype)
+
+
+def route(win: Window, index: jax.Array, delta: jax.Array, in_hw) -> jax.Array:
+    """Delta^T P_pool (Lin eq. 16, 23): put each Delta entry where its window's first maximum was."""
+    zero = jnp.zeros((), delta.dtype)
+    blocks = [jnp.where(index == k, delta, zero) for k in range(len(win.offsets()))]
+    return crop(unpatches(blocks, win, win.padded_hw(in_hw)), win, in_hw)
+
+
+def avg_forward(win: Window, x: jax.Array) -> jax.Array:
+    """The one forward pass of average pooling: the sum of each window over K."""
+    blocks = patches(pad(x, win), win)
+    return sum(blocks[1:], blocks[0]) / len(blocks)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _max_hand(win, in_hw, x):
+    return max_forward(win, x)
+
+
+def _max_hand_fwd(win, in_hw, x):
+    z, index = max_with_index(win, x)
+    return z, index
+
+
+def _max_hand_bwd(win, in_hw, index, delta):
+    return (route(win, index, delta, in_hw),)
+
+
+_max_hand.defvjp(_max_hand_fwd, _max_hand_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _avg_hand(win, in_hw, x):
+    return avg_forward(win, x)
+
+
+def _avg_hand_fwd(win, in_hw, x):
+    return avg_forward(win, x), None
+
+
+def _avg_hand_bwd(win, in_hw, _, delta):
+    spread = delta / len(win.offsets())
+    return (crop(unpatches([spread] * len(win.offsets()), win, win.padded_hw(in_hw)), win, in_hw),)
+
+
+_avg_hand.defvjp(_avg_hand_fwd, _avg_hand_bwd)

@@ -1,0 +1,17 @@
+import os
+
+import jax
+from hypothesis import HealthCheck, settings
+
+# float64 tests need x64; every test passes its dtype explicitly.
+jax.config.update("jax_enable_x64", True)
+
+# "ci" (default) is deterministic and small enough for a 2-core machine; "thorough" is for local hunting:
+#   HYPOTHESIS_PROFILE=thorough pytest tests/ops
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
