@@ -1,10 +1,11 @@
-# make demo   - set up .venv (first time) and run the main job
+# make train  - set up .venv (first time) and run the main job: train the default CNN on the bundled digits
 # make test   - set up .venv (first time) and run the test suite (what CI runs)
+# make demo   - hand vs autodiff gradients of a small conv net, side by side
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup train demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+train: setup
+	$(BIN)/jaxcnn train
 
 demo: setup
 	$(BIN)/jaxcnn demo

@@ -1,9 +1,22 @@
 """jaxcnn: convolutional networks in JAX whose every backward pass is derived by hand from the lecture notes.
 
 Each op takes ``grad="hand"`` (default: a ``jax.custom_vjp`` reproducing the notes' formula) or
-``grad="autodiff"`` (JAX differentiating the very same forward pass). See docs/formulas.md for the formula map.
+``grad="autodiff"`` (JAX differentiating the very same forward pass). docs/formulas.md maps ops to equations.
 """
 
+from jaxcnn.network import (
+    AvgPool,
+    Conv,
+    ConvReLUPool,
+    Dense,
+    Flatten,
+    MaxPool,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Tanh,
+    preset,
+)
 from jaxcnn.ops import (
     avg_pool2d,
     conv2d,
@@ -21,12 +34,23 @@ from jaxcnn.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AvgPool",
+    "Conv",
+    "ConvReLUPool",
+    "Dense",
+    "Flatten",
+    "MaxPool",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "Tanh",
     "avg_pool2d",
     "conv2d",
     "conv_relu_pool",
     "dense",
     "max_pool2d",
     "output_size",
+    "preset",
     "relu",
     "sigmoid",
     "softmax_cross_entropy",

@@ -1,9 +1,21 @@
-"""The ``jaxcnn`` command."""
+"""The ``jaxcnn`` command: train, evaluate, presets, demo."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
+from pathlib import Path
+
+from jaxcnn import data as datasets
+from jaxcnn import network, train
+
+DEFAULT_PRESET = {"digits": "digits-cnn", "mnist": "simplenn-mnist", "fashion-mnist": "simplenn-mnist",
+                  "cifar10": "simplenn-cifar", "svhn": "simplenn-cifar"}
+INPUT_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+                "svhn": (32, 32, 3)}
+DEFAULTS = train.TrainConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,10 +24,103 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convolutional networks in JAX with hand-derived backward passes, checked against jax.grad.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = commands.add_parser("demo", help="run a small conv net forward and backward with every gradient "
-                                            "mode and print how far apart the gradients are")
-    demo.add_argument("--seed", type=int, default=0, help="PRNG seed for the weights and the batch (default 0)")
+
+    t = commands.add_parser(
+        "train", help="train a network (default: a small CNN on the bundled 8x8 digits, offline)",
+        description="Train a preset or a TOML-configured network with Lin's objective. Flags override the "
+                    "preset's [train] recipe; `jaxcnn presets` lists the presets. Writes metrics.jsonl, "
+                    "model.safetensors, summary.json and curves.png to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+    which = t.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=list(network.presets()),
+                       help="bundled network and recipe (default: the dataset's usual one, digits-cnn for digits)")
+    which.add_argument("--config", metavar="FILE.toml", help="a network described in TOML ([[layers]] and [train])")
+    t.add_argument("--dataset", choices=datasets.DATASETS, help=f"default: the recipe's, else {DEFAULTS.dataset}")
+    t.add_argument("--data-dir", metavar="DIR", help=f"folder holding <dataset>/ files (default {DEFAULTS.data_dir})")
+    t.add_argument("--download", action="store_true", default=None,
+                   help="download missing dataset files (checked against their SHA-256)")
+    t.add_argument("--epochs", type=int, metavar="N")
+    t.add_argument("--batch-size", type=int, metavar="B")
+    t.add_argument("--optimizer", choices=train.OPTIMIZERS)
+    t.add_argument("--lr", type=float, metavar="LR", help="learning rate")
+    t.add_argument("--momentum", type=float, help="for --optimizer momentum (default 0.9)")
+    t.add_argument("--schedule", choices=train.SCHEDULES, help="learning-rate schedule (default constant)")
+    t.add_argument("--loss", choices=["ce", "squared"], help="softmax cross-entropy or Lin's squared loss")
+    t.add_argument("--C", type=float, help="regularisation: f = ||theta||^2 / (2C) + mean loss (default: off)")
+    t.add_argument("--grad", choices=["hand", "autodiff"], help="gradient mode of every layer (default hand)")
+    t.add_argument("--rule", choices=["im2col", "flip"], help="hand rule of the convolutions (default im2col)")
+    t.add_argument("--fuse", action="store_true", help="use Lin's fused conv-ReLU-pool block where possible")
+    t.add_argument("--seed", type=int, help="seed of the initial weights, validation split and batch order")
+    t.add_argument("--val-fraction", type=float, metavar="F", help="share of training data held out (default 0.1)")
+    t.add_argument("--out", metavar="DIR", help="results folder (default runs/<recipe>-<dataset>-<time>)")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bars (epoch lines are still printed)")
+
+    e = commands.add_parser("evaluate", help="reload a trained model and report its test accuracy",
+                            description="Evaluate a saved model (a run folder or its model.safetensors) on the "
+                                        "test set of its dataset, with the preprocessing it was trained with.")
+    e.add_argument("--checkpoint", required=True, metavar="DIR", help="run folder or model.safetensors file")
+    e.add_argument("--dataset", choices=datasets.DATASETS, help="default: the dataset it was trained on")
+    e.add_argument("--data-dir", default=DEFAULTS.data_dir, metavar="DIR")
+    e.add_argument("--download", action="store_true", help="download missing dataset files")
+
+    commands.add_parser("presets", help="list the bundled networks")
+
+    d = commands.add_parser("demo", help="run a small conv net forward and backward with every gradient mode "
+                                         "and print how far apart the gradients are")
+    d.add_argument("--seed", type=int, default=0, help="PRNG seed for the weights and the batch")
     return parser
+
+
+def resolve(args: argparse.Namespace) -> tuple[network.Sequential, train.TrainConfig, str]:
+    """The network, the recipe with the flags applied, and the recipe's name."""
+    if args.config:
+        config = network.load_toml(args.config)
+        net = network.Sequential.from_config(config, source=args.config)
+        name = str(config.get("name", Path(args.config).stem))
+    else:
+        name = args.preset or DEFAULT_PRESET[args.dataset or DEFAULTS.dataset]
+        config = network.preset_config(name)
+        net = network.preset(name)
+    recipe = dict(config.get("train", {}))
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(train.TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    cfg = train.TrainConfig.from_dict({**recipe, **flags}, source=f"{args.config or 'preset ' + name} [train]")
+    return (net.fuse() if args.fuse else net), cfg, name
+
+
+def cmd_train(args) -> int:
+    net, cfg, name = resolve(args)
+    out = args.out or f"runs/{name}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train.run(net, cfg, out, recipe=name, progress=args.progress and sys.stderr.isatty())
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from jaxcnn.checkpoint import load_model
+
+    model = load_model(args.checkpoint)
+    cfg = train.TrainConfig(**{**model.meta["train"], "dataset": args.dataset or model.meta["dataset"]})
+    dataset = datasets.load(cfg.dataset, args.data_dir, download=args.download)
+    train.check_network(model.network, dataset.input_shape, dataset.classes)
+    evaluate = train.make_evaluator(model.network, cfg, len(dataset.x_test))
+    result = evaluate(model.params, dataset.x_test - model.mean, dataset.y_test)
+    print(f"{model.meta['recipe']} (epoch {model.meta['epoch']}) on the {cfg.dataset} test set: "
+          f"accuracy {result['accuracy']:.2%} ({result['accuracy']:.6f}), loss {result['loss']:.6f}")
+    recorded = model.meta.get("test")
+    if recorded and cfg.dataset == model.meta["dataset"]:
+        same = abs(recorded["accuracy"] - result["accuracy"]) < 1e-12
+        print(f"recorded at the end of training: accuracy {recorded['accuracy']:.6f}, loss {recorded['loss']:.6f}"
+              f" ({'reproduced' if same else 'DIFFERENT'})")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    for name, description in network.presets().items():
+        dataset = network.preset_config(name).get("train", {}).get("dataset", DEFAULTS.dataset)
+        count = network.preset(name).num_params(INPUT_SHAPES[dataset])
+        print(f"{name:16s} {count:>9,} params on {dataset:13s} {description}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         from jaxcnn import demo
 
         return demo.main(seed=args.seed)
-    raise AssertionError(args.command)
+    command = {"train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets}[args.command]
+    try:
+        return command(args)
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        print(f"jaxcnn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxcnn {args.command}: interrupted; files written so far are complete", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,460 @@
+"""Networks: a ``Sequential`` list of layer specs, with shape checking, init, apply, TOML configs and presets.
+
+    net = jc.Sequential([jc.Conv(32, 5, padding=2), jc.ReLU(), jc.MaxPool(2), jc.Flatten(), jc.Dense(10)])
+    params = net.init(jax.random.key(0), (28, 28, 1))   # {"conv1": {"w", "b"}, "dense1": {"w", "b"}}
+    logits = net.apply(params, x, grad="hand")           # x: [N, 28, 28, 1]
+
+Layer specs are frozen dataclasses (hashable, comparable); params are a plain dict of dicts of arrays, keyed by
+layer names ``conv1, conv2, ..., dense1, ...`` in order. ``grad`` and ``rule`` are chosen per network in
+``apply`` and can be overridden per layer (``Conv(..., grad="autodiff")``). A TOML file describes a network as a
+list of ``[[layers]]`` tables; presets are such files shipped with the package (simpleNN keeps one config per
+architecture; so do we).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn import ops
+from jaxcnn.ops import _args
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Shape = tuple[int, ...]
+
+# "he_normal" is simpleNN's: N(0, 2 / fan_in), not truncated (jax.nn.initializers.he_normal truncates).
+INITIALIZERS = {
+    "he_normal": None,
+    "he_uniform": jax.nn.initializers.he_uniform(),
+    "glorot_normal": jax.nn.initializers.glorot_normal(),
+    "glorot_uniform": jax.nn.initializers.glorot_uniform(),
+    "lecun_normal": jax.nn.initializers.lecun_normal(),
+    "lecun_uniform": jax.nn.initializers.lecun_uniform(),
+}
+
+
+def _check_mode(layer: str, grad, rule=None) -> None:
+    if grad is not None:
+        _args.choice(layer, "grad", grad, _args.GRAD_MODES)
+    if rule is not None:
+        _args.choice(layer, "rule", rule, _args.CONV_RULES)
+
+
+def _check_features(layer: str, features) -> None:
+    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+        raise ValueError(f"{layer}: features must be a positive int, got {features!r}")
+
+
+def _check_init(layer: str, init) -> None:
+    if init not in INITIALIZERS:
+        raise ValueError(f"{layer}: init must be one of {', '.join(INITIALIZERS)}, got {init!r}")
+
+
+class Layer:
+    """Base of the layer specs: no parameters, shape-preserving unless ``apply`` says otherwise."""
+
+    type: ClassVar[str]
+    prefix: ClassVar[str | None] = None  # params name prefix ("conv", "dense"); None: no parameters
+
+    def param_shapes(self, in_shape: Shape) -> dict[str, Shape]:
+        return {}
+
+    def apply(self, params: dict, x: jax.Array, *, grad: str, rule: str) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Conv(Layer):
+    """Convolution ``jc.conv2d`` with ``features`` output channels and a ``kernel`` x ``kernel`` window."""
+
+    features: int
+    kernel: int | tuple[int, int] = 3
+    stride: int | tuple[int, int] = 1
+    padding: Any = 0
+    dilation: int | tuple[int, int] = 1
+    bias: bool = True
+    init: str = "he_normal"
+    grad: str | None = None
+    rule: str | None = None
+    type: ClassVar[str] = "conv"
+    prefix: ClassVar[str] = "conv"
+
+    def __post_init__(self):
+        _check_features(self.type, self.features)
+        _check_init(self.type, self.init)
+        _check_mode(self.type, self.grad, self.rule)
+
+    def param_shapes(self, in_shape):
+        kh, kw = _args.positive_pair(self.type, "kernel", self.kernel)
+        return {"w": (kh, kw, in_shape[-1], self.features), **({"b": (self.features,)} if self.bias else {})}
+
+    def apply(self, params, x, *, grad, rule):
+        return ops.conv2d(x, params["w"], params.get("b"), stride=self.stride, padding=self.padding,
+                          dilation=self.dilation, grad=self.grad or grad, rule=self.rule or rule)
+
+
+@dataclass(frozen=True)
+class ConvReLUPool(Conv):
+    """Lin's fused block ``jc.conv_relu_pool``: convolution, ReLU and ``pool`` x ``pool`` max pooling."""
+
+    pool: int | tuple[int, int] = 2
+    type: ClassVar[str] = "conv_relu_pool"
+
+    def apply(self, params, x, *, grad, rule):
+        return ops.conv_relu_pool(x, params["w"], params.get("b"), stride=self.stride, padding=self.padding,
+                                  dilation=self.dilation, pool=self.pool, grad=self.grad or grad,
+                                  rule=self.rule or rule)
+
+
+@dataclass(frozen=True)
+class MaxPool(Layer):
+    """``jc.max_pool2d``; the stride defaults to the window, as in the notes."""
+
+    window: int | tuple[int, int] = 2
+    stride: int | tuple[int, int] | None = None
+    padding: Any = "VALID"
+    grad: str | None = None
+    type: ClassVar[str] = "max_pool"
+
+    def __post_init__(self):
+        _check_mode(self.type, self.grad)
+
+    def apply(self, params, x, *, grad, rule):
+        return ops.max_pool2d(x, self.window, self.stride, self.padding, grad=self.grad or grad)
+
+
+@dataclass(frozen=True)
+class AvgPool(MaxPool):
+    """``jc.avg_pool2d``; the stride defaults to the window."""
+
+    type: ClassVar[str] = "avg_pool"
+
+    def apply(self, params, x, *, grad, rule):
+        return ops.avg_pool2d(x, self.window, self.stride, self.padding, grad=self.grad or grad)
+
+
+@dataclass(frozen=True)
+class _Activation(Layer):
+    grad: str | None = None
+    op: ClassVar[Any]
+
+    def __post_init__(self):
+        _check_mode(self.type, self.grad)
+
+    def apply(self, params, x, *, grad, rule):
+        return type(self).op(x, grad=self.grad or grad)
+
+
+@dataclass(frozen=True)
+class ReLU(_Activation):
+    type: ClassVar[str] = "relu"
+    op: ClassVar[Any] = staticmethod(ops.relu)
+
+
+@dataclass(frozen=True)
+class Sigmoid(_Activation):
+    type: ClassVar[str] = "sigmoid"
+    op: ClassVar[Any] = staticmethod(ops.sigmoid)
+
+
+@dataclass(frozen=True)
+class Tanh(_Activation):
+    type: ClassVar[str] = "tanh"
+    op: ClassVar[Any] = staticmethod(ops.tanh)
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    """[N, H, W, C] -> [N, H*W*C] (row-major: channel fastest)."""
+
+    type: ClassVar[str] = "flatten"
+
+    def apply(self, params, x, *, grad, rule):
+        return x.reshape(x.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class Dense(Layer):
+    """Fully connected ``jc.dense`` with ``features`` outputs; its input must be flat [N, n_in]."""
+
+    features: int
+    bias: bool = True
+    init: str = "he_normal"
+    grad: str | None = None
+    type: ClassVar[str] = "dense"
+    prefix: ClassVar[str] = "dense"
+
+    def __post_init__(self):
+        _check_features(self.type, self.features)
+        _check_init(self.type, self.init)
+        _check_mode(self.type, self.grad)
+
+    def param_shapes(self, in_shape):
+        return {"w": (in_shape[-1], self.features), **({"b": (self.features,)} if self.bias else {})}
+
+    def apply(self, params, x, *, grad, rule):
+        return ops.dense(x, params["w"], params.get("b"), grad=self.grad or grad)
+
+
+LAYER_TYPES: dict[str, type[Layer]] = {
+    cls.type: cls for cls in (Conv, ConvReLUPool, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, Flatten, Dense)
+}
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """A network as an ordered list of layer specs. Hashable, so it can be a static argument of ``jax.jit``."""
+
+    layers: tuple[Layer, ...]
+    name: str = field(default="network", compare=False)
+
+    def __init__(self, layers: Sequence[Layer], name: str = "network"):
+        layers = tuple(layers)
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layer {i}: expected a layer spec such as jc.Conv(32, 3) or jc.ReLU(), "
+                                f"got {type(layer).__name__} {layer!r}")
+        if not layers:
+            raise ValueError("a network needs at least one layer")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "name", name)
+
+    @property
+    def names(self) -> tuple[str | None, ...]:
+        """Each layer's key in ``params`` (``conv1``, ``dense1``, ...), or None for layers without parameters."""
+        counts: dict[str, int] = {}
+        names = []
+        for layer in self.layers:
+            if layer.prefix is None:
+                names.append(None)
+                continue
+            counts[layer.prefix] = counts.get(layer.prefix, 0) + 1
+            names.append(f"{layer.prefix}{counts[layer.prefix]}")
+        return tuple(names)
+
+    def shapes(self, input_shape: Shape) -> list[Shape]:
+        """Output shape (without the batch axis) after every layer, checking that each layer fits its input.
+
+        Raises ValueError naming the layer index, the layer and the shapes, before anything is compiled.
+        """
+        input_shape = _input_shape(input_shape)
+        shapes, shape = [], input_shape
+        for i, layer in enumerate(self.layers):
+            params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in _param_shapes(layer, shape, i).items()}
+            x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+            try:
+                shape = jax.eval_shape(lambda p, x, layer=layer: layer.apply(p, x, grad="hand", rule="im2col"),
+                                       params, x).shape[1:]
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"layer {i} ({describe(layer)}) does not fit its input of shape "
+                                 f"{_fmt(shape)}: {err}") from None
+            shapes.append(shape)
+        return shapes
+
+    def init(self, key: jax.Array, input_shape: Shape, dtype=jnp.float32) -> dict:
+        """Parameters for inputs of shape ``input_shape`` = (H, W, C): weights by each layer's ``init``
+        (default simpleNN's He normal, N(0, 2 / fan_in)), biases zero."""
+        input_shape = _input_shape(input_shape)
+        shapes = [input_shape, *self.shapes(input_shape)[:-1]]
+        specs = [(name, layer, _param_shapes(layer, shape, i))
+                 for i, (name, layer, shape) in enumerate(zip(self.names, self.layers, shapes)) if name]
+        return _init(specs, key, jnp.dtype(dtype))
+
+    def apply(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str = "im2col") -> jax.Array:
+        """The network's output for a batch ``x`` [N, H, W, C]. ``grad`` and ``rule`` apply to every layer that
+        does not set its own."""
+        _args.choice(self.name, "grad", grad, _args.GRAD_MODES)
+        _args.choice(self.name, "rule", rule, _args.CONV_RULES)
+        for i, (name, layer) in enumerate(zip(self.names, self.layers)):
+            try:
+                x = layer.apply(params[name] if name else {}, x, grad=grad, rule=rule)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"layer {i} ({describe(layer)}): {err}") from None
+        return x
+
+    def num_params(self, input_shape: Shape) -> int:
+        shapes = [_input_shape(input_shape), *self.shapes(input_shape)[:-1]]
+        return sum(int(np.prod(s)) for i, (layer, shape) in enumerate(zip(self.layers, shapes))
+                   for s in _param_shapes(layer, shape, i).values())
+
+    def summary(self, input_shape: Shape) -> str:
+        """A table of layers, output shapes and parameter counts."""
+        input_shape = _input_shape(input_shape)
+        out_shapes = self.shapes(input_shape)
+        rows = [("#", "layer", "output", "params"), ("", "input", _fmt(input_shape), "")]
+        total = 0
+        for i, (layer, shape_in, shape_out) in enumerate(zip(self.layers, [input_shape, *out_shapes], out_shapes)):
+            count = sum(int(np.prod(s)) for s in _param_shapes(layer, shape_in, i).values())
+            total += count
+            rows.append((str(i), describe(layer), _fmt(shape_out), f"{count:,}" if count else ""))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = ["  ".join(cell.ljust(w) if c < 3 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        return "\n".join([*lines, f"total parameters: {total:,}"])
+
+    def fuse(self) -> Sequential:
+        """The same network with every Conv -> ReLU -> MaxPool(k) (non-overlapping, unpadded) replaced by Lin's
+        fused ``ConvReLUPool`` block. Parameter names are unchanged, so the two share params and checkpoints."""
+        layers, i = [], 0
+        while i < len(self.layers):
+            trio = self.layers[i:i + 3]
+            if (len(trio) == 3 and type(trio[0]) is Conv and type(trio[1]) is ReLU and type(trio[2]) is MaxPool
+                    and trio[2].stride in (None, trio[2].window) and _is_valid(trio[2].padding)
+                    and trio[1].grad == trio[2].grad == trio[0].grad):
+                fields = {f.name: getattr(trio[0], f.name) for f in dataclasses.fields(Conv)}
+                layers.append(ConvReLUPool(**fields, pool=trio[2].window))
+                i += 3
+            else:
+                layers.append(self.layers[i])
+                i += 1
+        return Sequential(layers, name=self.name)
+
+    def to_config(self) -> dict:
+        """A plain dict (TOML/JSON) describing the network; ``Sequential.from_config`` reverses it."""
+        layers = []
+        for layer in self.layers:
+            entry = {"type": layer.type}
+            for f in dataclasses.fields(layer):
+                value = getattr(layer, f.name)
+                if value != f.default:
+                    entry[f.name] = _plain(value)
+            layers.append(entry)
+        return {"name": self.name, "layers": layers}
+
+    @classmethod
+    def from_config(cls, config: dict, source: str = "config") -> Sequential:
+        """Build a network from a config dict such as ``load_toml`` returns; errors name the layer index."""
+        layers = config.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise ValueError(f"{source}: expected a non-empty list of [[layers]] tables")
+        built = []
+        for i, entry in enumerate(layers):
+            where = f"{source}: layer {i}"
+            if not isinstance(entry, dict) or "type" not in entry:
+                raise ValueError(f"{where}: expected a table with a 'type' key, got {entry!r}")
+            kind = entry["type"]
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"{where}: unknown layer type {kind!r}; expected one of {', '.join(LAYER_TYPES)}")
+            layer_cls = LAYER_TYPES[kind]
+            allowed = {f.name for f in dataclasses.fields(layer_cls)}
+            unknown = sorted(set(entry) - allowed - {"type"})
+            if unknown:
+                raise ValueError(f"{where} ({kind}): unknown field(s) {', '.join(unknown)}; "
+                                 f"expected some of {', '.join(sorted(allowed))}")
+            kwargs = {k: _tuples(v) for k, v in entry.items() if k != "type"}
+            try:
+                built.append(layer_cls(**kwargs))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{where} ({kind}): {err}") from None
+        return cls(built, name=str(config.get("name", "network")))
+
+
+def _is_valid(padding) -> bool:
+    return (isinstance(padding, str) and padding.upper() == "VALID") or padding == 0
+
+
+def _param_shapes(layer: Layer, in_shape: Shape, index: int) -> dict[str, Shape]:
+    if layer.prefix is not None and len(in_shape) != (3 if isinstance(layer, Conv) else 1):
+        expected = "an image [H, W, C]" if isinstance(layer, Conv) else "a flat vector (add a Flatten layer first)"
+        raise ValueError(f"layer {index} ({describe(layer)}) expects {expected}, got input of shape "
+                         f"{_fmt(in_shape)}")
+    return layer.param_shapes(in_shape)
+
+
+def _init(specs, key: jax.Array, dtype) -> dict:
+    """Weights for ``specs`` = [(name, layer, {param: shape})]. All He-normal weights come from one normal draw
+    (on CPU every PRNG call costs a compilation of seconds); other initialisers get a key each."""
+    he = [(name, shapes["w"]) for name, layer, shapes in specs if layer.init == "he_normal"]
+    sizes = [int(np.prod(s)) for _, s in he]
+    k_he, *keys = jax.random.split(key, len(specs) + 1)
+    draws = jax.jit(lambda k: jax.random.normal(k, (sum(sizes),), dtype))(k_he) if sizes else None
+    offsets = dict(zip([n for n, _ in he], np.cumsum([0, *sizes])))
+    params = {}
+    for (name, layer, shapes), k in zip(specs, keys):
+        w_shape = shapes["w"]
+        if layer.init == "he_normal":
+            start = int(offsets[name])
+            w = draws[start:start + int(np.prod(w_shape))].reshape(w_shape)
+            w = w * jnp.sqrt(2.0 / np.prod(w_shape[:-1])).astype(dtype)
+        else:
+            w = INITIALIZERS[layer.init](k, w_shape, dtype)
+        params[name] = {"w": w, **({"b": jnp.zeros(shapes["b"], dtype)} if "b" in shapes else {})}
+    return params
+
+
+def _input_shape(shape) -> Shape:
+    shape = tuple(shape)
+    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
+        raise ValueError(f"input_shape must be (H, W, C) of positive ints, without the batch axis; got {shape}")
+    return tuple(int(s) for s in shape)
+
+
+def _fmt(shape: Shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _plain(value):
+    return list(map(_plain, value)) if isinstance(value, tuple) else value
+
+
+def _tuples(value):
+    return tuple(map(_tuples, value)) if isinstance(value, list) else value
+
+
+def describe(layer: Layer) -> str:
+    """Short text for a layer, e.g. ``Conv(32, kernel=5, padding=2)``."""
+    parts = []
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        if f.default is dataclasses.MISSING:
+            parts.append(repr(value))
+        elif value != f.default:
+            parts.append(f"{f.name}={value!r}")
+    return f"{type(layer).__name__}({', '.join(parts)})"
+
+
+def load_toml(path_or_text: str, *, is_text: bool = False) -> dict:
+    """Read a TOML config (a file path, or TOML text with ``is_text=True``) into a dict."""
+    try:
+        if is_text:
+            return tomllib.loads(path_or_text)
+        with open(path_or_text, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{'config' if is_text else path_or_text}: not valid TOML: {err}") from None
+
+
+def presets() -> dict[str, str]:
+    """Names of the bundled presets and their one-line descriptions."""
+    out = {}
+    for entry in sorted(importlib.resources.files("jaxcnn.presets").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            config = load_toml(entry.read_text(), is_text=True)
+            out[entry.name[:-5]] = config.get("description", "")
+    return out
+
+
+def preset_config(name: str) -> dict:
+    """The full config dict of a preset: ``name``, ``description``, ``layers`` and its ``train`` recipe."""
+    known = presets()
+    if name not in known:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(known)}")
+    text = importlib.resources.files("jaxcnn.presets").joinpath(f"{name}.toml").read_text()
+    return load_toml(text, is_text=True)
+
+
+def preset(name: str) -> Sequential:
+    """A bundled network, e.g. ``preset("simplenn-mnist")``; ``presets()`` lists them."""
+    return Sequential.from_config(preset_config(name), source=f"preset {name}")

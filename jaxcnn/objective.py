@@ -1,0 +1,46 @@
+"""Lin's training objective, eq. (1)-(2): f(theta) = ||theta||^2 / (2C) + (1/I) sum_i xi_i.
+
+On a mini-batch, (1/I) sum_i xi_i is the batch mean of the loss; ``C=None`` drops the regulariser. theta is every
+weight and bias, as in Lin (the regulariser's gradient is theta / C, eq. 1-2's first terms).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn import ops
+from jaxcnn.network import Sequential
+
+LOSSES = {"ce": ops.softmax_cross_entropy, "squared": ops.squared_error}
+
+
+def check(loss: str, C: float | None) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)} (softmax cross-entropy, Lin's squared loss), "
+                         f"got {loss!r}")
+    if C is not None and not C > 0:
+        raise ValueError(f"C must be > 0 (the regulariser is ||theta||^2 / (2C)), got {C!r}")
+
+
+def regulariser(params, C: float | None) -> jax.Array:
+    """||theta||^2 / (2C), or 0 without C."""
+    if C is None:
+        return jnp.zeros((), jnp.float32)
+    return sum(jnp.sum(jnp.square(p)) for p in jax.tree_util.tree_leaves(params)) / (2 * C)
+
+
+def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss: str = "ce",
+              C: float | None = None, grad: str = "hand", rule: str = "im2col"):
+    """f(theta) on a batch (Lin eq. 1-2). Returns ``(f, aux)`` with ``aux = {"loss": the batch-mean data term,
+    "correct": number of correctly classified examples}`` (for ``jax.value_and_grad(..., has_aux=True)``)."""
+    check(loss, C)
+    logits = net.apply(params, x, grad=grad, rule=rule)
+    data_term = LOSSES[loss](logits, labels, grad=grad)
+    correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+    return data_term + regulariser(params, C), {"loss": data_term, "correct": correct}
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str = "ce") -> jax.Array:
+    """xi_i for each example: the batch loss op applied to batches of one (for masked evaluation)."""
+    return jax.vmap(lambda z, y: LOSSES[loss](z[None], y[None]))(logits, labels)

@@ -1,0 +1,102 @@
+"""Training: hand and autodiff give the same loss curve, runs are deterministic, bad recipes are refused."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcnn as jc
+from jaxcnn import data, objective, train
+
+DIGITS = data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def one_epoch():
+    """One epoch of the digits preset in float32, by each gradient mode, and the hand run again."""
+    runs = {}
+    for name, grad in [("hand", "hand"), ("autodiff", "autodiff"), ("hand again", "hand")]:
+        cfg = train.TrainConfig(epochs=1, grad=grad, seed=7)
+        runs[name] = train.fit(jc.preset("digits-cnn"), train.prepare(DIGITS, cfg), cfg)
+    return runs
+
+
+def test_hand_and_autodiff_training_give_the_same_loss_curve(one_epoch):
+    hand, auto = one_epoch["hand"], one_epoch["autodiff"]
+    assert len(hand.step_losses) == len(auto.step_losses) == 1212 // 32
+    rel = np.abs(hand.step_losses - auto.step_losses) / np.abs(auto.step_losses)
+    assert rel.max() < 1e-4, f"per-step objective differs by up to {rel.max():.2e}"
+    for h, a in zip(hand.history, auto.history):
+        assert abs(h["train_objective"] - a["train_objective"]) <= 1e-4 * abs(a["train_objective"])
+        assert abs(h["val_loss"] - a["val_loss"]) <= 1e-4 * abs(a["val_loss"])
+    assert hand.step_losses[-1] < 0.5 * hand.step_losses[0], "the objective should fall within one epoch"
+
+
+def test_same_seed_same_run(one_epoch):
+    np.testing.assert_array_equal(one_epoch["hand"].step_losses, one_epoch["hand again"].step_losses)
+    first, again = one_epoch["hand"].params, one_epoch["hand again"].params
+    for layer in first:
+        for name in first[layer]:
+            np.testing.assert_array_equal(first[layer][name], again[layer][name], err_msg=f"{layer}/{name}")
+
+
+def test_prepare_holds_out_validation_and_subtracts_the_training_mean():
+    cfg = train.TrainConfig(val_fraction=0.2, seed=3)
+    prep = train.prepare(DIGITS, cfg)
+    assert len(prep.x_val) == round(0.2 * len(DIGITS.x_train)) and len(prep.x_fit) + len(prep.x_val) == 1347
+    np.testing.assert_allclose(prep.x_fit.mean(axis=0), 0, atol=1e-6)  # the mean image of the fitting split
+    np.testing.assert_allclose(prep.x_test + prep.mean, DIGITS.x_test, atol=1e-6)
+
+
+def test_evaluator_pads_batches_without_changing_results():
+    net = jc.preset("digits-cnn")
+    params = net.init(jax.random.key(0), (8, 8, 1))
+    cfg = train.TrainConfig()
+    x, y = DIGITS.x_test[:23], DIGITS.y_test[:23]
+    result = train.make_evaluator(net, cfg, 23, max_batch=10)(params, x, y)  # batches of 10: 10, 10, 3 + 7 padding
+    logits = jax.jit(net.apply)(params, jnp.asarray(x))
+    expected_loss = float(objective.per_example_loss(logits, jnp.asarray(y)).mean())
+    assert round(result["accuracy"] * 23) == int(np.sum(np.argmax(np.asarray(logits), -1) == y))
+    assert abs(result["loss"] - expected_loss) < 1e-5 * expected_loss
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(optimizer="rmsprop"), "optimizer must be 'sgd' or 'momentum' or 'adam', got 'rmsprop'"),
+    (dict(dataset="imagenet"), "dataset must be one of digits, mnist"),
+    (dict(epochs=0), "epochs must be a positive int"),
+    (dict(lr=-1.0), "lr must be a positive number"),
+    (dict(loss="hinge"), "loss must be one of ce, squared"),
+    (dict(C=-2.0), "C must be > 0"),
+    (dict(val_fraction=1.5), r"val_fraction must be in \[0, 1\)"),
+])
+def test_bad_recipes_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        train.TrainConfig(**change)
+
+
+def test_unknown_recipe_keys_are_named():
+    with pytest.raises(ValueError, match=r"my.toml \[train\]: unknown key\(s\) learning_rate"):
+        train.TrainConfig.from_dict({"learning_rate": 0.1}, source="my.toml [train]")
+
+
+def test_network_must_match_the_classes():
+    net = jc.Sequential([jc.Flatten(), jc.Dense(7)])
+    with pytest.raises(ValueError, match=r"outputs shape 7 but the dataset has 10 classes: end the network with "
+                                         r"Dense\(10\)"):
+        train.check_network(net, (8, 8, 1), 10)
+
+
+def test_divergence_stops_with_a_message():
+    cfg = train.TrainConfig(epochs=1, optimizer="sgd", lr=1e12, loss="squared")
+    net = jc.Sequential([jc.Flatten(), jc.Dense(10)])
+    with pytest.raises(FloatingPointError, match=r"the objective became (nan|inf) in epoch 1; lower --lr"):
+        train.fit(net, train.prepare(DIGITS, cfg), cfg)
+
+
+def test_config_is_a_frozen_record():
+    cfg = train.TrainConfig()
+    assert dataclasses.replace(cfg, epochs=3).epochs == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 2
