@@ -1,11 +1,12 @@
 # make train  - set up .venv (first time) and run the main job: train the default CNN on the bundled digits
 # make test   - set up .venv (first time) and run the test suite (what CI runs)
 # make demo   - hand vs autodiff gradients of a small conv net, side by side
+# make experiments - rerun experiments/ and rewrite experiments/results/
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train demo test lint clean
+.PHONY: setup train demo test lint experiments clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,11 @@ test: setup
 	$(BIN)/python -m pytest -x -q
 
 lint: setup
-	$(BIN)/ruff check jaxcnn tests
+	$(BIN)/ruff check jaxcnn tests experiments
+
+experiments: setup
+	for e in gradient_agreement training_curves conv_complexity vanishing_gradients; do \
+		$(BIN)/python -m experiments.$$e || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,52 @@
+"""Shared by the experiment scripts: where results go, the machine they ran on, atomic writes, tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from pathlib import Path
+
+import jax
+
+from jaxcnn._io import atomic_path, atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default experiments/results)")
+    p.add_argument("--quick", action="store_true", help="a small version, to check the script runs")
+    return p
+
+
+def machine() -> str:
+    """One line describing this machine: CPU model and cores, device, JAX version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = jax.devices()[0]
+    return (f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {device.platform} "
+            f"({device.device_kind}); Python {platform.python_version()}")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write(out: Path, name: str, text: str) -> Path:
+    atomic_write(out / name, text)
+    return out / name
+
+
+def save_figure(fig, out: Path, name: str) -> Path:
+    with atomic_path(out / name) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return out / name

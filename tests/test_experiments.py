@@ -1,0 +1,22 @@
+"""Each experiment script runs end to end (in its --quick form) and writes its report."""
+
+import importlib
+
+import pytest
+
+EXPERIMENTS = {
+    "gradient_agreement": ["gradient_agreement.md"],
+    "training_curves": ["training_curves.md", "training_curves.png"],
+    "conv_complexity": ["conv_complexity.md", "conv_complexity.png"],
+    "vanishing_gradients": ["vanishing_gradients.md", "vanishing_gradients.png"],
+}
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_experiment_runs_quick(name, tmp_path):
+    module = importlib.import_module(f"experiments.{name}")
+    module.main(["--quick", "--out", str(tmp_path)])
+    for file in EXPERIMENTS[name]:
+        assert (tmp_path / file).stat().st_size > 0, f"{name} did not write {file}"
+    report = (tmp_path / EXPERIMENTS[name][0]).read_text()
+    assert "| " in report and "cores" in report, "a report has its table and the machine it ran on"
