@@ -1,9 +1,14 @@
-"""Saved models: params, preprocessing constants and metadata in one safetensors file, written atomically.
+"""Saved files: models (``model.safetensors``) and training states (``checkpoints/step-*.safetensors``).
 
-The file holds tensors ``params/<layer>/<name>`` and ``preprocess/mean``, and JSON metadata with the network
-config (so ``load_model`` rebuilds the network), the dataset and training recipe, and a SHA-256 of the tensors:
-a truncated or corrupted file is reported, never half-loaded. safetensors stores only arrays (no pickle), so
-loading a file cannot run code.
+Both are safetensors files (arrays only, no pickle: loading cannot run code) with JSON metadata that includes a
+SHA-256 of every tensor, written atomically (temporary file, fsync, rename). A truncated or corrupted file is
+reported, never half-loaded.
+
+A model holds params ``params/<layer>/<name>``, the preprocessing mean ``preprocess/mean`` and the network config,
+so ``load_model`` rebuilds the network. A training state holds everything ``jaxcnn train --resume`` needs to go
+on exactly as if never interrupted: params, optimizer state, the best params so far, the position in the data
+(epoch and step; batch order is a pure function of the seed and epoch, so this is the whole random state), what
+the current epoch has accumulated, the history, the preprocessing mean and both configs.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,11 +27,13 @@ import numpy as np
 from jaxcnn._io import atomic_write
 from jaxcnn.network import Sequential
 
-FORMAT = "jaxcnn-model-1"
+MODEL_FORMAT = "jaxcnn-model-1"
+STATE_FORMAT = "jaxcnn-train-state-1"
+STATE_NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
 class CheckpointError(ValueError):
-    """A model file is missing, truncated, corrupted, or not a jaxcnn model."""
+    """A saved file is missing, truncated, corrupted, or not what was expected."""
 
 
 @dataclass(frozen=True)
@@ -36,44 +46,120 @@ class SavedModel:
 
 def save_model(path: str | os.PathLike, network: Sequential, params: dict, mean: np.ndarray, meta: dict) -> None:
     """Write ``params`` (a dict of dicts of arrays), the mean image and ``meta`` to ``path`` atomically."""
-    import safetensors.numpy
-
-    tensors = {f"params/{layer}/{name}": np.asarray(jax.device_get(a))
-               for layer, group in params.items() for name, a in group.items()}
-    tensors["preprocess/mean"] = np.asarray(mean)
-    header = {"format": FORMAT, "network": network.to_config(), "sha256": _digest(tensors), **meta}
-    atomic_write(path, safetensors.numpy.save(tensors, metadata={"jaxcnn": json.dumps(header)}))
+    tensors = {**_flatten("params", params), "preprocess/mean": np.asarray(mean)}
+    _write(path, tensors, {"format": MODEL_FORMAT, "network": network.to_config(), **meta})
 
 
 def load_model(path: str | os.PathLike) -> SavedModel:
     """Read a model written by ``save_model``; a directory means its ``model.safetensors``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    tensors, header = _read(path, MODEL_FORMAT)
+    network = Sequential.from_config(header.pop("network"), source=str(path))
+    return SavedModel(network, _unflatten("params", tensors), tensors["preprocess/mean"], header)
+
+
+def save_state(folder: str | os.PathLike, global_step: int, arrays: dict[str, dict], meta: dict, keep: int = 3) -> Path:
+    """Write training state ``folder/step-<global_step>.safetensors``, then delete all but the newest ``keep``.
+
+    ``arrays`` maps a group name to a dict of arrays (``params``, ``best``, ``opt``, ...). Older states are removed
+    only after the new one is complete, so a crash at any moment leaves at least one valid state.
+    """
+    folder = Path(folder)
+    path = folder / f"step-{global_step:09d}.safetensors"
+    tensors = {k: v for group, values in arrays.items() for k, v in _flatten(group, values).items()}
+    _write(path, tensors, {"format": STATE_FORMAT, "global_step": global_step, **meta})
+    for _, old in list_states(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | os.PathLike) -> tuple[dict[str, dict], dict]:
+    """(arrays by group, meta) of a training state written by ``save_state``."""
+    tensors, header = _read(Path(path), STATE_FORMAT)
+    groups = sorted({k.split("/", 1)[0] for k in tensors})
+    return {g: _unflatten(g, tensors) for g in groups}, header
+
+
+def list_states(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Training states in ``folder`` as (global step, path), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := STATE_NAME.match(name))]
+    return sorted(found)
+
+
+def newest_state(folder: str | os.PathLike, report: Callable[[str], None] = print):
+    """The newest training state in ``folder`` that reads back intact, as (arrays, meta, path), or None if there
+    is none. A damaged newer state is reported and the one before it tried. Temporary files that a killed write
+    left behind are removed."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(".step-*.tmp"):
+            stale.unlink(missing_ok=True)
+    for _, path in reversed(list_states(folder)):
+        try:
+            arrays, meta = load_state(path)
+        except CheckpointError as err:
+            report(f"skipping damaged checkpoint: {err}")
+            continue
+        return arrays, meta, path
+    return None
+
+
+def _flatten(group: str, values: dict) -> dict[str, np.ndarray]:
+    """{"conv1": {"w": a}} -> {"group/conv1/w": a}; nesting of any depth, keys without "/"."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(f"{group}/{key}", value))
+        else:
+            out[f"{group}/{key}"] = np.asarray(jax.device_get(value))
+    return out
+
+
+def _unflatten(group: str, tensors: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for key, value in tensors.items():
+        head, _, rest = key.partition("/")
+        if head != group:
+            continue
+        *parents, leaf = rest.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _write(path, tensors: dict[str, np.ndarray], header: dict) -> None:
+    import safetensors.numpy
+
+    header = {**header, "sha256": _digest(tensors)}
+    atomic_write(path, safetensors.numpy.save(tensors, metadata={"jaxcnn": json.dumps(header)}))
+
+
+def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict]:
     import safetensors
     import safetensors.numpy
 
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such model file (jaxcnn train writes OUT/model.safetensors)")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
     try:
-        with safetensors.safe_open(path, framework="np") as f:
+        with safetensors.safe_open(str(path), framework="np") as f:
             header = json.loads((f.metadata() or {})["jaxcnn"])
-        tensors = safetensors.numpy.load_file(path)
+        tensors = safetensors.numpy.load_file(str(path))
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable model file ({type(err).__name__}: {err}); it may be truncated "
-                              f"or not a jaxcnn model") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {header.get('format')!r}, expected {FORMAT!r}")
-    if _digest(tensors) != header.get("sha256"):
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err}); it may be truncated or not a "
+                              f"jaxcnn file") from None
+    if header.get("format") != expected_format:
+        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {expected_format!r}")
+    if _digest(tensors) != header.pop("sha256", None):
         raise CheckpointError(f"{path}: the tensors do not match their recorded SHA-256: the file is corrupted")
-    params: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("params/"):
-            _, layer, name = key.split("/")
-            params.setdefault(layer, {})[name] = value
-    network = Sequential.from_config(header["network"], source=path)
-    meta = {k: v for k, v in header.items() if k not in ("format", "network", "sha256")}
-    return SavedModel(network, params, tensors["preprocess/mean"], meta)
+    header.pop("format")
+    return tensors, header
 
 
 def _digest(tensors: dict[str, np.ndarray]) -> str:

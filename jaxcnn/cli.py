@@ -49,10 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--C", type=float, help="regularisation: f = ||theta||^2 / (2C) + mean loss (default: off)")
     t.add_argument("--grad", choices=["hand", "autodiff"], help="gradient mode of every layer (default hand)")
     t.add_argument("--rule", choices=["im2col", "flip"], help="hand rule of the convolutions (default im2col)")
-    t.add_argument("--fuse", action="store_true", help="use Lin's fused conv-ReLU-pool block where possible")
+    t.add_argument("--fuse", action="store_true", default=None,
+                   help="use Lin's fused conv-ReLU-pool block where possible")
     t.add_argument("--seed", type=int, help="seed of the initial weights, validation split and batch order")
     t.add_argument("--val-fraction", type=float, metavar="F", help="share of training data held out (default 0.1)")
     t.add_argument("--out", metavar="DIR", help="results folder (default runs/<recipe>-<dataset>-<time>)")
+    t.add_argument("--resume", action="store_true", default=None,
+                   help="continue the unfinished run in --out from its newest intact checkpoint, with the recipe "
+                        "it was started with")
+    t.add_argument("--checkpoint-every", type=int, metavar="STEPS", default=0,
+                   help="also save the training state every STEPS steps (it is always saved after each epoch)")
+    t.add_argument("--keep-checkpoints", type=int, metavar="K", default=3, help="training states kept")
+    t.add_argument("--on-nan", choices=["stop", "skip"], default="stop",
+                   help="on a NaN or Inf objective or gradient: stop (keeping the last good checkpoint) or skip "
+                        "the step and count it")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bars (epoch lines are still printed)")
 
@@ -110,9 +120,26 @@ def resolve(args: argparse.Namespace) -> tuple[network.Sequential, train.TrainCo
 
 
 def cmd_train(args) -> int:
+    progress = args.progress and sys.stderr.isatty()
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+        recipe_flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(train.TrainConfig)
+                        if getattr(args, f.name, None) is not None]
+        recipe_flags += [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
+                                                  ("--fuse", args.fuse)) if value]
+        if recipe_flags:
+            raise ValueError(f"--resume continues a run with the recipe it was started with; drop "
+                             f"{', '.join(recipe_flags)}")
+        train.resume_run(args.out, progress=progress)
+        return 0
+    for name in ("checkpoint_every", "keep_checkpoints"):
+        if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'checkpoint_every' else '>= 1'}")
     net, cfg, name = resolve(args)
     out = args.out or f"runs/{name}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train.run(net, cfg, out, recipe=name, progress=args.progress and sys.stderr.isatty())
+    train.run(net, cfg, out, recipe=name, progress=progress, checkpoint_every=args.checkpoint_every,
+              on_nan=args.on_nan, keep=args.keep_checkpoints)
     return 0
 
 
@@ -183,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                "presets": cmd_presets}[args.command]
     try:
         return command(args)
+    except train.NonFiniteError as err:
+        print(f"jaxcnn {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
     except (ValueError, TypeError, OSError, FloatingPointError) as err:
         print(f"jaxcnn {args.command}: error: {err}", file=sys.stderr)
         return 2

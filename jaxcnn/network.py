@@ -275,14 +275,20 @@ class Sequential:
     def apply(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str = "im2col") -> jax.Array:
         """The network's output for a batch ``x`` [N, H, W, C]. ``grad`` and ``rule`` apply to every layer that
         does not set its own."""
+        return self.outputs(params, x, grad=grad, rule=rule)[-1]
+
+    def outputs(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str = "im2col") -> list[jax.Array]:
+        """Every layer's output, in order (the last is ``apply``'s result)."""
         _args.choice(self.name, "grad", grad, _args.GRAD_MODES)
         _args.choice(self.name, "rule", rule, _args.CONV_RULES)
+        outs = []
         for i, (name, layer) in enumerate(zip(self.names, self.layers)):
             try:
                 x = layer.apply(params[name] if name else {}, x, grad=grad, rule=rule)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"layer {i} ({describe(layer)}): {err}") from None
-        return x
+            outs.append(x)
+        return outs
 
     def num_params(self, input_shape: Shape) -> int:
         shapes = [_input_shape(input_shape), *self.shapes(input_shape)[:-1]]

@@ -33,12 +33,15 @@ def regulariser(params, C: float | None) -> jax.Array:
 def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss: str = "ce",
               C: float | None = None, grad: str = "hand", rule: str = "im2col"):
     """f(theta) on a batch (Lin eq. 1-2). Returns ``(f, aux)`` with ``aux = {"loss": the batch-mean data term,
-    "correct": number of correctly classified examples}`` (for ``jax.value_and_grad(..., has_aux=True)``)."""
+    "correct": number of correctly classified examples, "finite": whether each layer's output is free of NaN and
+    Inf}`` (for ``jax.value_and_grad(..., has_aux=True)``)."""
     check(loss, C)
-    logits = net.apply(params, x, grad=grad, rule=rule)
+    outputs = net.outputs(params, x, grad=grad, rule=rule)
+    logits = outputs[-1]
     data_term = LOSSES[loss](logits, labels, grad=grad)
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-    return data_term + regulariser(params, C), {"loss": data_term, "correct": correct}
+    finite = jnp.stack([jnp.all(jnp.isfinite(o)) for o in outputs])
+    return data_term + regulariser(params, C), {"loss": data_term, "correct": correct, "finite": finite}
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str = "ce") -> jax.Array:

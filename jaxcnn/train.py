@@ -28,8 +28,8 @@ import optax
 from jaxcnn import data as datasets
 from jaxcnn import objective as obj
 from jaxcnn._io import atomic_path, atomic_write
-from jaxcnn.checkpoint import save_model
-from jaxcnn.network import Sequential
+from jaxcnn.checkpoint import list_states, newest_state, save_model, save_state
+from jaxcnn.network import Sequential, describe
 from jaxcnn.ops import _args
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -138,15 +138,46 @@ class FitResult:
     params: dict  # best-validation params (host arrays)
     best_epoch: int
     history: list[dict]  # one record per epoch
-    step_losses: np.ndarray  # the objective at every step, in order
+    step_losses: np.ndarray  # the objective at every step, in order (NaN for a skipped step)
     test: dict = field(default_factory=dict)  # {"loss", "accuracy"} of the best params on the test set
+    skipped: int = 0  # steps skipped for a non-finite objective or gradient (on_nan="skip")
+
+
+@dataclass
+class Position:
+    """Where the loop is and what it has gathered: with params, optimizer state and the best params, all a
+    training-state checkpoint restores."""
+
+    epoch: int = 1  # the current epoch (1-based)
+    step: int = 0  # steps done in the current epoch
+    values: list[float] = field(default_factory=list)  # the objective at each step of the current epoch
+    correct: int = 0  # correctly classified training examples so far this epoch
+    history: list[dict] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)  # earlier epochs, every step
+    best_key: list | None = None
+    best_epoch: int = 0
+    skipped: int = 0
+
+
+class NonFiniteError(FloatingPointError):
+    """The objective or a gradient became NaN or Inf."""
 
 
 def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable | None = None,
-        progress: bool = False) -> FitResult:
-    """Train ``net`` on ``prep`` by ``cfg``; ``on_epoch(record, params, improved)`` is called after each epoch."""
+        progress: bool = False, checkpoint: Callable | None = None, checkpoint_every: int = 0,
+        resume: tuple | None = None, on_nan: str = "stop") -> FitResult:
+    """Train ``net`` on ``prep`` by ``cfg``.
+
+    ``on_epoch(record, best_params, improved)`` is called after each epoch; ``checkpoint(state)`` after each
+    epoch and every ``checkpoint_every`` steps with the training state (see ``_state``), which ``resume`` takes
+    back to continue exactly where it was. A step whose objective or gradient is not finite is never applied:
+    ``on_nan="stop"`` raises NonFiniteError at the next checkpoint or epoch end, naming the step and the first
+    layer whose output went non-finite (no checkpoint is written after it); ``on_nan="skip"`` skips such steps
+    and counts them.
+    """
     from tqdm import tqdm
 
+    _args.choice("fit", "on_nan", on_nan, ("stop", "skip"))
     check_network(net, prep.input_shape, prep.classes)
     n, batch = len(prep.x_fit), cfg.batch_size
     if batch > n:
@@ -155,61 +186,157 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     tx = make_optimizer(cfg, steps)
     params = net.init(jax.random.key(cfg.seed), prep.input_shape)
     opt_state = tx.init(params)
-    step = make_step(net, tx, cfg)
+    pos, best_params = Position(), None
+    if resume is not None:
+        params, opt_state, best_params, pos = _restore(resume, params, opt_state, prep)
+    step = make_step(net, tx, cfg, skip=on_nan == "skip")
     evaluate = make_evaluator(net, cfg, max(len(prep.x_val), len(prep.x_test)))
     x_fit, y_fit = jnp.asarray(prep.x_fit), jnp.asarray(prep.y_fit)
+    guard = _guard(net, params, count=(pos.epoch - 1) * steps + pos.step, skipped=pos.skipped)
 
-    history, step_losses, best, best_key = [], [], None, None
-    for epoch in range(1, cfg.epochs + 1):
+    def sync(values, corrects):
+        """Bring the device-side step results to the host; stop on a non-finite step (on_nan="stop")."""
+        if values:
+            pos.values.extend(np.asarray(jax.device_get(jnp.stack(values)), np.float64).tolist())
+            pos.correct += int(np.sum(jax.device_get(jnp.stack(corrects))))
+            values.clear()
+            corrects.clear()
+        g = jax.device_get(guard)
+        pos.skipped = int(g["skipped"])
+        if on_nan == "stop" and g["bad"] >= 0:
+            raise NonFiniteError(_nan_message(net, params, g, steps, cfg))
+
+    def save():
+        if checkpoint is not None:
+            checkpoint(_state(pos, params, opt_state, best_params, prep, cfg, net, steps))
+
+    while pos.epoch <= cfg.epochs:
+        epoch = pos.epoch
         start = time.perf_counter()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         values, corrects = [], []
-        with tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
-                  unit="step", file=sys.stderr) as bar:
-            for s in range(steps):
+        with tqdm(total=steps, initial=pos.step, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+                  leave=False, unit="step", file=sys.stderr) as bar:
+            while pos.step < steps:
+                s = pos.step
                 idx = jnp.asarray(order[s * batch:(s + 1) * batch])
-                params, opt_state, value, aux = step(params, opt_state, x_fit, y_fit, idx)
+                params, opt_state, guard, value, aux = step(params, opt_state, guard, x_fit, y_fit, idx)
                 values.append(value)
                 corrects.append(aux["correct"])
+                pos.step += 1
                 bar.update()
                 if progress and (s % 20 == 0 or s == steps - 1):
                     bar.set_postfix(loss=f"{float(aux['loss']):.4f}", acc=f"{int(aux['correct']) / batch:.1%}")
-        values = np.asarray(jax.device_get(jnp.stack(values)), np.float64)
-        step_losses.append(values)
-        record = {"epoch": epoch, "train_objective": float(values.mean()),
-                  "train_accuracy": float(np.sum(jax.device_get(jnp.stack(corrects)))) / (steps * batch)}
-        if not math.isfinite(record["train_objective"]):
-            raise FloatingPointError(f"the objective became {record['train_objective']} in epoch {epoch}; lower "
-                                     f"--lr (now {cfg.lr}) or set --C to regularise")
+                if checkpoint_every and pos.step < steps and ((epoch - 1) * steps + pos.step) % checkpoint_every == 0:
+                    sync(values, corrects)
+                    save()
+        sync(values, corrects)
+        epoch_values = np.asarray(pos.values)
+        finite = np.isfinite(epoch_values)
+        record = {"epoch": epoch, "train_objective": float(epoch_values[finite].mean()) if finite.any() else
+                  float("nan"), "train_accuracy": pos.correct / (steps * batch), "skipped_steps": pos.skipped}
         if len(prep.x_val):
             val = evaluate(params, prep.x_val, prep.y_val)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            key = (val["accuracy"], -val["loss"])
+            key = [val["accuracy"], -val["loss"]]
         else:
-            key = (epoch,)  # no validation split: the last epoch is the best
+            key = [epoch]  # no validation split: the last epoch is the best
         record["seconds"] = time.perf_counter() - start
-        improved = best_key is None or key > best_key
+        improved = pos.best_key is None or key > pos.best_key
         if improved:
-            best_key, best = key, (epoch, jax.device_get(params))
-        history.append(record)
+            pos.best_key, pos.best_epoch, best_params = key, epoch, _host_copy(params)
+        pos.history.append(record)
+        pos.step_losses.extend(pos.values)
+        pos.epoch, pos.step, pos.values, pos.correct = epoch + 1, 0, [], 0
+        save()
         if on_epoch is not None:
-            on_epoch(record, best[1], improved)
-    best_epoch, best_params = best
-    result = FitResult(best_params, best_epoch, history, np.concatenate(step_losses))
+            on_epoch(record, best_params, improved)
+    result = FitResult(best_params, pos.best_epoch, pos.history, np.asarray(pos.step_losses), skipped=pos.skipped)
     result.test = evaluate(best_params, prep.x_test, prep.y_test)
     return result
 
 
-def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfig):
-    """The jitted training step on the batch ``x_all[idx]``: returns (params, opt_state, f, aux)."""
+def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfig, skip: bool = False):
+    """The jitted training step on the batch ``x_all[idx]``: returns (params, opt_state, guard, f, aux).
 
-    def step(params, opt_state, x_all, y_all, idx):
+    ``guard`` counts steps and remembers the first non-finite one ("bad": its global index, -1 if none; "finite":
+    which layer outputs were finite; "grad_finite": which gradients). A non-finite step is not applied; unless
+    ``skip``, no step after it is applied either, so the params stay those of the last good step.
+    """
+
+    def step(params, opt_state, guard, x_all, y_all, idx):
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
             params, net, x_all[idx], y_all[idx], loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.rule)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value, aux
+        grad_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+        ok = jnp.isfinite(value) & jnp.all(grad_finite)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        first_bad = ~ok & (guard["bad"] < 0)
+        apply = ok if skip else ok & (guard["bad"] < 0)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, old)
+        guard = {
+            "count": guard["count"] + 1,
+            "bad": jnp.where(first_bad, guard["count"], guard["bad"]),
+            "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
+            "finite": jnp.where(first_bad, aux["finite"], guard["finite"]),
+            "grad_finite": jnp.where(first_bad, grad_finite, guard["grad_finite"]),
+        }
+        return keep(new_params, params), keep(new_opt_state, opt_state), guard, value, aux
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def _guard(net: Sequential, params: dict, count: int = 0, skipped: int = 0) -> dict:
+    return {"count": jnp.asarray(count, jnp.int32), "bad": jnp.asarray(-1, jnp.int32),
+            "skipped": jnp.asarray(skipped, jnp.int32), "finite": jnp.ones(len(net.layers), bool),
+            "grad_finite": jnp.ones(len(jax.tree_util.tree_leaves(params)), bool)}
+
+
+def _host_copy(tree):
+    """A NumPy copy (on CPU a device_get may be a view of a buffer the next step donates)."""
+    return jax.tree_util.tree_map(lambda a: np.array(a, copy=True), tree)
+
+
+def _nan_message(net: Sequential, params: dict, guard: dict, steps: int, cfg: TrainConfig) -> str:
+    bad = int(guard["bad"])
+    epoch, within = bad // steps + 1, bad % steps + 1
+    layers = [i for i, ok in enumerate(guard["finite"]) if not ok]
+    paths = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    grads = [p for p, ok in zip(paths, guard["grad_finite"]) if not ok]
+    where = (f"layer {layers[0]} ({describe(net.layers[layers[0]])}) was the first to output NaN or Inf"
+             if layers else "every layer's output was finite, the loss or backward pass was not")
+    return (f"non-finite objective or gradient at step {bad + 1} (epoch {epoch}, step {within} of {steps}): "
+            f"{where}; non-finite gradients: {', '.join(grads) or 'none'}. Training stopped; the last checkpoint "
+            f"written before it is kept. Lower --lr (now {cfg.lr}), set --C, or pass --on-nan skip")
+
+
+def _state(pos: Position, params, opt_state, best_params, prep: Prepared, cfg: TrainConfig, net: Sequential,
+           steps: int) -> tuple[int, dict, dict]:
+    """A training state as (global step, arrays, meta) for ``checkpoint.save_state``."""
+    global_step = (pos.epoch - 1) * steps + pos.step
+    opt_leaves = jax.tree_util.tree_leaves(opt_state)
+    arrays = {"params": params, "opt": {str(i): leaf for i, leaf in enumerate(opt_leaves)},
+              "best": best_params or {}, "preprocess": {"mean": prep.mean}}
+    meta = {"position": dataclasses.asdict(pos), "train": dataclasses.asdict(cfg), "network": net.to_config(),
+            "dataset": prep.name, "steps_per_epoch": steps}
+    return global_step, arrays, meta
+
+
+def _restore(resume: tuple, params, opt_state, prep: Prepared):
+    """Params, optimizer state, best params and position from a training state (arrays, meta)."""
+    arrays, meta = resume
+    if not np.array_equal(arrays["preprocess"]["mean"], prep.mean):
+        raise ValueError("the training data differ from those this run started with (another mean image): "
+                         "resume with the same dataset and --data-dir")
+    template = jax.tree_util.tree_leaves(opt_state)
+    saved = arrays.get("opt", {})
+    if len(saved) != len(template):
+        raise ValueError(f"the saved optimizer state has {len(saved)} arrays, this recipe's has {len(template)}")
+    opt_leaves = [jnp.asarray(saved[str(i)], t.dtype) for i, t in enumerate(template)]
+    opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), opt_leaves)
+    params = jax.tree_util.tree_map(lambda t, a: jnp.asarray(a, t.dtype), params, arrays["params"])
+    best = arrays.get("best") or None
+    return params, opt_state, best, Position(**meta["position"])
 
 
 def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: int = 1000):
@@ -239,15 +366,20 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
 
 
 def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, progress: bool = True,
-        log: Callable[[str], None] = print) -> dict:
-    """Load the data, train, and write metrics.jsonl, model.safetensors, summary.json and curves.png to ``out``.
+        log: Callable[[str], None] = print, checkpoint_every: int = 0, on_nan: str = "stop", keep: int = 3,
+        resume_from: tuple | None = None) -> dict:
+    """Load the data, train, and write to ``out``: metrics.jsonl, model.safetensors (best params), training states
+    in checkpoints/ (every epoch and every ``checkpoint_every`` steps, the newest ``keep``), then summary.json
+    and curves.png.
 
-    ``out`` must not hold a finished run already (nothing a user saved is overwritten).
+    ``out`` must not hold another run (nothing a user saved is overwritten); ``resume_run`` continues one.
     """
     out = Path(out)
-    for name in ("summary.json", "model.safetensors"):
-        if (out / name).exists():
-            raise FileExistsError(f"{out / name} exists: {out} already holds a run; choose another --out")
+    started = (out / "summary.json").exists() or (out / "model.safetensors").exists() or list_states(
+        out / "checkpoints")
+    if resume_from is None and started:
+        raise FileExistsError(f"{out} already holds a run; choose another --out, or pass --resume to continue "
+                              f"an unfinished one")
     begin = time.perf_counter()
     dataset = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download, progress=progress)
     prep = prepare(dataset, cfg)
@@ -258,7 +390,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
         f"{jax.devices()[0].platform} ({jax.device_count()} device(s))")
     meta = {"recipe": recipe, "dataset": prep.name, "classes": prep.classes,
             "input_shape": list(prep.input_shape), "train": dataclasses.asdict(cfg)}
-    history: list[dict] = []
+    history: list[dict] = list(resume_from[1]["position"]["history"]) if resume_from else []
 
     def on_epoch(record, best_params, improved):
         history.append(record)
@@ -267,22 +399,54 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
             save_model(out / "model.safetensors", net, best_params, prep.mean, {**meta, "epoch": record["epoch"]})
         val = (f"  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}"
                if "val_loss" in record else "")
+        skipped = f"  ({record['skipped_steps']} steps skipped)" if record["skipped_steps"] else ""
         log(f"epoch {record['epoch']:>3}/{cfg.epochs}  train f {record['train_objective']:.4f} "
-            f"acc {record['train_accuracy']:.2%}{val}  {record['seconds']:.1f}s{'  *' if improved else ''}")
+            f"acc {record['train_accuracy']:.2%}{val}  {record['seconds']:.1f}s{'  *' if improved else ''}{skipped}")
 
-    result = fit(net, prep, cfg, on_epoch=on_epoch, progress=progress)
+    def checkpoint(state):
+        global_step, arrays, state_meta = state
+        save_state(out / "checkpoints", global_step, arrays,
+                   {**state_meta, "recipe": recipe, "checkpoint_every": checkpoint_every, "on_nan": on_nan,
+                    "keep": keep}, keep=keep)
+
+    result = fit(net, prep, cfg, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint,
+                 checkpoint_every=checkpoint_every, on_nan=on_nan,
+                 resume=resume_from and (resume_from[0], resume_from[1]))
     seconds = time.perf_counter() - begin
     summary = {"test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"], "epochs": cfg.epochs,
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": cfg.rule,
-               "recipe": recipe, "dataset": prep.name, "device": jax.devices()[0].device_kind,
-               "jax": jax.__version__, "train": dataclasses.asdict(cfg), "network": net.to_config()}
+               "recipe": recipe, "dataset": prep.name, "skipped_steps": result.skipped, "resumed": bool(resume_from),
+               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "train": dataclasses.asdict(cfg),
+               "network": net.to_config()}
     save_model(out / "model.safetensors", net, result.params, prep.mean,
                {**meta, "epoch": result.best_epoch, "test": result.test})
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_curves(history, out / "curves.png", title=f"{recipe} on {prep.name}, grad={cfg.grad}")
     log(f"test accuracy {result.test['accuracy']:.2%}, loss {result.test['loss']:.4f} (best validation epoch "
-        f"{result.best_epoch}); {seconds:.0f}s in all; results in {out}/")
+        f"{result.best_epoch}); {seconds:.0f}s{' since resuming' if resume_from else ' in all'}; results in {out}/")
     return summary
+
+
+def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Continue the run in ``out`` from its newest intact training state, with the recipe, network and options
+    it was started with. A damaged newest state is reported and the one before it used."""
+    out = Path(out)
+    if (out / "summary.json").exists():
+        log(f"{out} holds a finished run (summary.json): nothing to resume")
+        return json.loads((out / "summary.json").read_text())
+    found = newest_state(out / "checkpoints", report=log)
+    if found is None:
+        raise FileNotFoundError(f"{out / 'checkpoints'}: no training state to resume from (a run writes one at the "
+                                f"end of every epoch, and every --checkpoint-every steps)")
+    arrays, meta, path = found
+    cfg = TrainConfig(**meta["train"])
+    net = Sequential.from_config(meta["network"], source=str(path))
+    position = meta["position"]
+    log(f"resuming {out} from {path.name}: epoch {position['epoch']}, {position['step']} of "
+        f"{meta['steps_per_epoch']} steps done")
+    return run(net, cfg, out, recipe=meta["recipe"], progress=progress, log=log,
+               checkpoint_every=meta["checkpoint_every"], on_nan=meta["on_nan"], keep=meta["keep"],
+               resume_from=(arrays, meta))
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
