@@ -29,7 +29,7 @@ lint: setup
 	$(BIN)/ruff check jaxcnn tests experiments
 
 experiments: setup
-	for e in gradient_agreement training_curves conv_complexity vanishing_gradients; do \
+	for e in gradient_agreement training_curves conv_complexity vanishing_gradients scaling; do \
 		$(BIN)/python -m experiments.$$e || exit 1; done
 
 clean:

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the step and count it")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bars (epoch lines are still printed)")
+    scale = t.add_argument_group("several devices and hosts (data parallel: each batch is split across devices)")
+    scale.add_argument("--devices", type=int, metavar="N", help="devices to use on each host (default: all)")
+    scale.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, for a run over several processes (jax.distributed)")
+    scale.add_argument("--num-processes", type=int, metavar="P", help="number of processes in the run")
+    scale.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. P-1")
 
     e = commands.add_parser("evaluate", help="reload a trained model and report its test accuracy",
                             description="Evaluate a saved model (a run folder or its model.safetensors) on the "
@@ -120,6 +126,9 @@ def resolve(args: argparse.Namespace) -> tuple[network.Sequential, train.TrainCo
 
 
 def cmd_train(args) -> int:
+    from jaxcnn import parallel
+
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     progress = args.progress and sys.stderr.isatty()
     if args.resume:
         if not args.out:
@@ -131,7 +140,7 @@ def cmd_train(args) -> int:
         if recipe_flags:
             raise ValueError(f"--resume continues a run with the recipe it was started with; drop "
                              f"{', '.join(recipe_flags)}")
-        train.resume_run(args.out, progress=progress)
+        train.resume_run(args.out, progress=progress, devices=args.devices)
         return 0
     for name in ("checkpoint_every", "keep_checkpoints"):
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
@@ -139,7 +148,7 @@ def cmd_train(args) -> int:
     net, cfg, name = resolve(args)
     out = args.out or f"runs/{name}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     train.run(net, cfg, out, recipe=name, progress=progress, checkpoint_every=args.checkpoint_every,
-              on_nan=args.on_nan, keep=args.keep_checkpoints)
+              on_nan=args.on_nan, keep=args.keep_checkpoints, devices=args.devices)
     return 0
 
 

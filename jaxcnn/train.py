@@ -24,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxcnn import data as datasets
 from jaxcnn import objective as obj
+from jaxcnn import parallel
 from jaxcnn._io import atomic_path, atomic_write
 from jaxcnn.checkpoint import list_states, newest_state, save_model, save_state
 from jaxcnn.network import Sequential, describe
@@ -165,8 +168,9 @@ class NonFiniteError(FloatingPointError):
 
 def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable | None = None,
         progress: bool = False, checkpoint: Callable | None = None, checkpoint_every: int = 0,
-        resume: tuple | None = None, on_nan: str = "stop") -> FitResult:
-    """Train ``net`` on ``prep`` by ``cfg``.
+        resume: tuple | None = None, on_nan: str = "stop", devices: int | None = None) -> FitResult:
+    """Train ``net`` on ``prep`` by ``cfg``, data-parallel over ``devices`` local devices of every process
+    (default all; see ``jaxcnn.parallel``).
 
     ``on_epoch(record, best_params, improved)`` is called after each epoch; ``checkpoint(state)`` after each
     epoch and every ``checkpoint_every`` steps with the training state (see ``_state``), which ``resume`` takes
@@ -183,25 +187,27 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     if batch > n:
         raise ValueError(f"train: batch_size {batch} exceeds the {n} training examples")
     steps = n // batch  # the remainder of each epoch's permutation is skipped (a different one each epoch)
+    mesh = parallel.make_mesh(devices)
+    parallel.check_batch(batch, mesh)
     tx = make_optimizer(cfg, steps)
     params = net.init(jax.random.key(cfg.seed), prep.input_shape)
     opt_state = tx.init(params)
     pos, best_params = Position(), None
     if resume is not None:
         params, opt_state, best_params, pos = _restore(resume, params, opt_state, prep)
-    step = make_step(net, tx, cfg, skip=on_nan == "skip")
-    evaluate = make_evaluator(net, cfg, max(len(prep.x_val), len(prep.x_test)))
-    x_fit, y_fit = jnp.asarray(prep.x_fit), jnp.asarray(prep.y_fit)
     guard = _guard(net, params, count=(pos.epoch - 1) * steps + pos.step, skipped=pos.skipped)
+    params, opt_state, guard = parallel.replicate(mesh, (params, opt_state, guard))
+    step = make_step(net, tx, cfg, mesh, skip=on_nan == "skip")
+    evaluate = make_evaluator(net, cfg, max(len(prep.x_val), len(prep.x_test)), mesh=mesh)
 
     def sync(values, corrects):
         """Bring the device-side step results to the host; stop on a non-finite step (on_nan="stop")."""
         if values:
-            pos.values.extend(np.asarray(jax.device_get(jnp.stack(values)), np.float64).tolist())
-            pos.correct += int(np.sum(jax.device_get(jnp.stack(corrects))))
+            pos.values.extend(np.asarray(parallel.to_host(jnp.stack(values)), np.float64).tolist())
+            pos.correct += int(np.sum(parallel.to_host(jnp.stack(corrects))))
             values.clear()
             corrects.clear()
-        g = jax.device_get(guard)
+        g = parallel.to_host(guard)
         pos.skipped = int(g["skipped"])
         if on_nan == "stop" and g["bad"] >= 0:
             raise NonFiniteError(_nan_message(net, params, g, steps, cfg))
@@ -219,14 +225,15 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
                   leave=False, unit="step", file=sys.stderr) as bar:
             while pos.step < steps:
                 s = pos.step
-                idx = jnp.asarray(order[s * batch:(s + 1) * batch])
-                params, opt_state, guard, value, aux = step(params, opt_state, guard, x_fit, y_fit, idx)
+                xb, yb = parallel.global_batch(mesh, order[s * batch:(s + 1) * batch], prep.x_fit, prep.y_fit)
+                params, opt_state, guard, value, aux = step(params, opt_state, guard, xb, yb)
                 values.append(value)
                 corrects.append(aux["correct"])
                 pos.step += 1
                 bar.update()
                 if progress and (s % 20 == 0 or s == steps - 1):
-                    bar.set_postfix(loss=f"{float(aux['loss']):.4f}", acc=f"{int(aux['correct']) / batch:.1%}")
+                    loss, correct = parallel.to_host((aux["loss"], aux["correct"]))
+                    bar.set_postfix(loss=f"{float(loss):.4f}", acc=f"{int(correct) / batch:.1%}")
                 if checkpoint_every and pos.step < steps and ((epoch - 1) * steps + pos.step) % checkpoint_every == 0:
                     sync(values, corrects)
                     save()
@@ -244,7 +251,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
         record["seconds"] = time.perf_counter() - start
         improved = pos.best_key is None or key > pos.best_key
         if improved:
-            pos.best_key, pos.best_epoch, best_params = key, epoch, _host_copy(params)
+            pos.best_key, pos.best_epoch, best_params = key, epoch, parallel.to_host(params)
         pos.history.append(record)
         pos.step_losses.extend(pos.values)
         pos.epoch, pos.step, pos.values, pos.correct = epoch + 1, 0, [], 0
@@ -256,17 +263,22 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     return result
 
 
-def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfig, skip: bool = False):
-    """The jitted training step on the batch ``x_all[idx]``: returns (params, opt_state, guard, f, aux).
+def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfig, mesh, skip: bool = False):
+    """The jitted, data-parallel training step on a batch split over ``mesh``: returns (params, opt_state, guard,
+    f, aux), all replicated.
 
     ``guard`` counts steps and remembers the first non-finite one ("bad": its global index, -1 if none; "finite":
     which layer outputs were finite; "grad_finite": which gradients). A non-finite step is not applied; unless
     ``skip``, no step after it is applied either, so the params stay those of the last good step.
     """
 
-    def step(params, opt_state, guard, x_all, y_all, idx):
+    def local(params, opt_state, guard, x, y):
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
-            params, net, x_all[idx], y_all[idx], loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.rule)
+            params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.rule)
+        # The mean over devices of the shard means is the whole batch's objective and gradient.
+        value, grads = lax.pmean((value, grads), parallel.AXIS)
+        aux = {"loss": lax.pmean(aux["loss"], parallel.AXIS), "correct": lax.psum(aux["correct"], parallel.AXIS),
+               "finite": lax.pmin(aux["finite"].astype(jnp.int32), parallel.AXIS) > 0}
         grad_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
         ok = jnp.isfinite(value) & jnp.all(grad_finite)
         updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -283,18 +295,16 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
         }
         return keep(new_params, params), keep(new_opt_state, opt_state), guard, value, aux
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    batch = P(parallel.AXIS)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), batch, batch), out_specs=P(),
+                            check_vma=False)  # see jaxcnn.parallel: gradients are averaged explicitly
+    return jax.jit(sharded, donate_argnums=(0, 1, 2))
 
 
 def _guard(net: Sequential, params: dict, count: int = 0, skipped: int = 0) -> dict:
     return {"count": jnp.asarray(count, jnp.int32), "bad": jnp.asarray(-1, jnp.int32),
             "skipped": jnp.asarray(skipped, jnp.int32), "finite": jnp.ones(len(net.layers), bool),
             "grad_finite": jnp.ones(len(jax.tree_util.tree_leaves(params)), bool)}
-
-
-def _host_copy(tree):
-    """A NumPy copy (on CPU a device_get may be a view of a buffer the next step donates)."""
-    return jax.tree_util.tree_map(lambda a: np.array(a, copy=True), tree)
 
 
 def _nan_message(net: Sequential, params: dict, guard: dict, steps: int, cfg: TrainConfig) -> str:
@@ -314,6 +324,7 @@ def _state(pos: Position, params, opt_state, best_params, prep: Prepared, cfg: T
            steps: int) -> tuple[int, dict, dict]:
     """A training state as (global step, arrays, meta) for ``checkpoint.save_state``."""
     global_step = (pos.epoch - 1) * steps + pos.step
+    params, opt_state = parallel.to_host((params, opt_state))
     opt_leaves = jax.tree_util.tree_leaves(opt_state)
     arrays = {"params": params, "opt": {str(i): leaf for i, leaf in enumerate(opt_leaves)},
               "best": best_params or {}, "preprocess": {"mean": prep.mean}}
@@ -339,18 +350,24 @@ def _restore(resume: tuple, params, opt_state, prep: Prepared):
     return params, opt_state, best, Position(**meta["position"])
 
 
-def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: int = 1000):
+def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: int = 1000, mesh=None):
     """``evaluate(params, x, y) -> {"loss", "accuracy"}`` over a whole split, in fixed-size padded batches (one
-    compilation for every split)."""
-    size = max(1, min(max_batch, largest))
+    compilation for every split), each batch split over ``mesh`` (default: all local devices)."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    size = -(-max(1, min(max_batch, largest)) // mesh.size) * mesh.size
 
-    @jax.jit
-    def batch_stats(params, x, y, mask):
+    def local(params, x, y, mask):
         logits = net.apply(params, x, grad=cfg.grad, rule=cfg.rule)
         losses = obj.per_example_loss(logits, y, cfg.loss)
-        return jnp.sum(losses * mask), jnp.sum((jnp.argmax(logits, axis=-1) == y) * mask)
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) * mask)
+        return lax.psum(jnp.sum(losses * mask), parallel.AXIS), lax.psum(correct, parallel.AXIS)
+
+    batch = P(parallel.AXIS)
+    batch_stats = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), batch, batch, batch), out_specs=P(),
+                                        check_vma=False))
 
     def evaluate(params, x: np.ndarray, y: np.ndarray) -> dict:
+        params = parallel.replicate(mesh, params)
         totals = []
         for start in range(0, len(x), size):
             xb, yb = x[start:start + size], y[start:start + size]
@@ -358,8 +375,8 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
             mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-            totals.append(batch_stats(params, xb, yb, mask))
-        loss, correct = np.sum(np.asarray(jax.device_get(totals), np.float64), axis=0)
+            totals.append(batch_stats(params, *parallel.global_batch(mesh, np.arange(size), xb, yb, mask)))
+        loss, correct = np.sum(np.asarray(parallel.to_host(totals), np.float64), axis=0)
         return {"loss": float(loss) / len(x), "accuracy": float(correct) / len(x)}
 
     return evaluate
@@ -367,33 +384,40 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
 
 def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, progress: bool = True,
         log: Callable[[str], None] = print, checkpoint_every: int = 0, on_nan: str = "stop", keep: int = 3,
-        resume_from: tuple | None = None) -> dict:
+        resume_from: tuple | None = None, devices: int | None = None) -> dict:
     """Load the data, train, and write to ``out``: metrics.jsonl, model.safetensors (best params), training states
     in checkpoints/ (every epoch and every ``checkpoint_every`` steps, the newest ``keep``), then summary.json
-    and curves.png.
+    and curves.png. With several processes, all train and process 0 alone logs and writes.
 
     ``out`` must not hold another run (nothing a user saved is overwritten); ``resume_run`` continues one.
     """
     out = Path(out)
+    main = parallel.is_main()
+    if not main:
+        log, progress = (lambda message: None), False
     started = (out / "summary.json").exists() or (out / "model.safetensors").exists() or list_states(
         out / "checkpoints")
     if resume_from is None and started:
         raise FileExistsError(f"{out} already holds a run; choose another --out, or pass --resume to continue "
                               f"an unfinished one")
     begin = time.perf_counter()
+    mesh = parallel.make_mesh(devices)
+    parallel.check_batch(cfg.batch_size, mesh)
     dataset = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download, progress=progress)
     prep = prepare(dataset, cfg)
     check_network(net, prep.input_shape, prep.classes)
     log(f"{recipe} on {prep.name}: {len(prep.x_fit)} training, {len(prep.x_val)} validation, "
         f"{len(prep.x_test)} test images {'x'.join(map(str, prep.input_shape))}; "
         f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={cfg.rule}; "
-        f"{jax.devices()[0].platform} ({jax.device_count()} device(s))")
+        f"{mesh.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
     meta = {"recipe": recipe, "dataset": prep.name, "classes": prep.classes,
             "input_shape": list(prep.input_shape), "train": dataclasses.asdict(cfg)}
     history: list[dict] = list(resume_from[1]["position"]["history"]) if resume_from else []
 
     def on_epoch(record, best_params, improved):
         history.append(record)
+        if not main:
+            return
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         if improved:
             save_model(out / "model.safetensors", net, best_params, prep.mean, {**meta, "epoch": record["epoch"]})
@@ -404,6 +428,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
             f"acc {record['train_accuracy']:.2%}{val}  {record['seconds']:.1f}s{'  *' if improved else ''}{skipped}")
 
     def checkpoint(state):
+        if not main:
+            return
         global_step, arrays, state_meta = state
         save_state(out / "checkpoints", global_step, arrays,
                    {**state_meta, "recipe": recipe, "checkpoint_every": checkpoint_every, "on_nan": on_nan,
@@ -411,23 +437,25 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
 
     result = fit(net, prep, cfg, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint,
                  checkpoint_every=checkpoint_every, on_nan=on_nan,
-                 resume=resume_from and (resume_from[0], resume_from[1]))
+                 resume=resume_from and (resume_from[0], resume_from[1]), devices=devices)
     seconds = time.perf_counter() - begin
     summary = {"test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"], "epochs": cfg.epochs,
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": cfg.rule,
                "recipe": recipe, "dataset": prep.name, "skipped_steps": result.skipped, "resumed": bool(resume_from),
-               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "train": dataclasses.asdict(cfg),
-               "network": net.to_config()}
-    save_model(out / "model.safetensors", net, result.params, prep.mean,
-               {**meta, "epoch": result.best_epoch, "test": result.test})
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    plot_curves(history, out / "curves.png", title=f"{recipe} on {prep.name}, grad={cfg.grad}")
+               "device": jax.devices()[0].device_kind, "devices": mesh.size, "processes": jax.process_count(),
+               "jax": jax.__version__, "train": dataclasses.asdict(cfg), "network": net.to_config()}
+    if main:
+        save_model(out / "model.safetensors", net, result.params, prep.mean,
+                   {**meta, "epoch": result.best_epoch, "test": result.test})
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_curves(history, out / "curves.png", title=f"{recipe} on {prep.name}, grad={cfg.grad}")
     log(f"test accuracy {result.test['accuracy']:.2%}, loss {result.test['loss']:.4f} (best validation epoch "
         f"{result.best_epoch}); {seconds:.0f}s{' since resuming' if resume_from else ' in all'}; results in {out}/")
     return summary
 
 
-def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
+               devices: int | None = None) -> dict:
     """Continue the run in ``out`` from its newest intact training state, with the recipe, network and options
     it was started with. A damaged newest state is reported and the one before it used."""
     out = Path(out)
@@ -446,7 +474,7 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
         f"{meta['steps_per_epoch']} steps done")
     return run(net, cfg, out, recipe=meta["recipe"], progress=progress, log=log,
                checkpoint_every=meta["checkpoint_every"], on_nan=meta["on_nan"], keep=meta["keep"],
-               resume_from=(arrays, meta))
+               resume_from=(arrays, meta), devices=devices)
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

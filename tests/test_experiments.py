@@ -9,6 +9,7 @@ EXPERIMENTS = {
     "training_curves": ["training_curves.md", "training_curves.png"],
     "conv_complexity": ["conv_complexity.md", "conv_complexity.png"],
     "vanishing_gradients": ["vanishing_gradients.md", "vanishing_gradients.png"],
+    "scaling": ["scaling.md"],
 }
 
 
