@@ -2,11 +2,12 @@
 # make test   - set up .venv (first time) and run the test suite (what CI runs)
 # make demo   - hand vs autodiff gradients of a small conv net, side by side
 # make experiments - rerun experiments/ and rewrite experiments/results/
+# make bench  - install the Flax baseline and rewrite BENCHMARKS.md's step benchmark (about 8 minutes on 2 cores)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train demo test lint experiments clean
+.PHONY: setup train demo test lint experiments bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,10 @@ lint: setup
 experiments: setup
 	for e in gradient_agreement training_curves conv_complexity vanishing_gradients scaling; do \
 		$(BIN)/python -m experiments.$$e || exit 1; done
+
+bench: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m experiments.benchmark
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

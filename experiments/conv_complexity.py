@@ -79,7 +79,7 @@ def stages(batch, shape, h, d_next, padding, repeats):
          bench(lambda p, dl: p.reshape(-1, patch).T @ dl.reshape(-1, d_next), phi, delta, repeats=repeats)),
         ("W^T Delta", "matmul", matmul, bench(lambda dl, w: dl @ w.T, delta, w2, repeats=repeats)),
         ("vec(.) P_phi P_pad (col2im)", "add", batch * patch * ac * bc,
-         bench(lambda dp: crop(unpatches(jnp.split(dp, h * h, axis=-1), window, padded), window, (a, b)), dphi,
+         bench(lambda dp: crop(unpatches(dp.reshape(*dp.shape[:3], h, h, d), window, padded), window, (a, b)), dphi,
                repeats=repeats)),
     ]
 

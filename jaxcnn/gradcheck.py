@@ -175,7 +175,7 @@ def _count_kinks(net: nw.Sequential, params: dict, x: jax.Array) -> dict:
         elif isinstance(layer, nw.ReLU):
             kinks[key] = _relu_kinks(x)
         elif type(layer) is nw.MaxPool:
-            kinks[key] = {"tied_windows": _ties(_pool_window(x, layer.window, layer.stride, layer.padding), x)}
+            kinks[key] = {"tied_windows": _ties(layer.geometry(x.shape[1:]), x)}
         x = layer.apply(p, x, grad="autodiff", rule="im2col")
     return kinks
 
@@ -186,7 +186,7 @@ def _block_geometry(layer: nw.ConvReLUPool) -> dict:
 
 def _block_pre_pool(x, w, b, stride=1, padding=0, dilation=1, pool=2):
     """S of a conv_relu_pool block and its pooling window."""
-    _, _, _, window = conv.check("conv_relu_pool", x, w, b, stride, padding, dilation)
+    window = conv.geometry("conv_relu_pool", x.shape[1:3], w.shape[:2], stride, padding, dilation)
     size = pool_args.positive_pair("conv_relu_pool", "pool", pool)
     return conv.forward(window, x, w, b), Window(size, size, (1, 1), ((0, 0), (0, 0)))
 
@@ -202,7 +202,7 @@ def _first_max_block(x, w, b=None, **geometry) -> jax.Array:
 
 
 def _pool_window(x, window=2, stride=None, padding="VALID") -> Window:
-    return pool.check("max_pool2d", x, window, stride, padding)[1]
+    return pool.geometry("max_pool2d", x.shape[1:3], window, stride, padding)
 
 
 def _relu_kinks(s: jax.Array) -> dict[str, jax.Array]:
@@ -212,8 +212,8 @@ def _relu_kinks(s: jax.Array) -> dict[str, jax.Array]:
 
 def _ties(win: Window, x: jax.Array) -> jax.Array:
     """Windows in which the maximum occurs more than once."""
-    stacked = pool._windows(win, x, -jnp.inf)
-    return jnp.sum(jnp.sum(stacked == stacked.max(axis=-1, keepdims=True), axis=-1) > 1)
+    w = pool._windows(win, x, -jnp.inf)
+    return jnp.sum(jnp.sum(w == w.max(axis=(3, 4), keepdims=True), axis=(3, 4)) > 1)
 
 
 def _first_max_pool(x: jax.Array, win: Window) -> jax.Array:
@@ -233,7 +233,7 @@ def _apply(net: nw.Sequential, params: dict, x: jax.Array, taps: list, mode: str
         if mode == "first-max" and isinstance(layer, nw.ConvReLUPool):
             x = _first_max_block(x, p["w"], p.get("b"), **_block_geometry(layer))
         elif mode == "first-max" and type(layer) is nw.MaxPool:
-            x = _first_max_pool(x, _pool_window(x, layer.window, layer.stride, layer.padding))
+            x = _first_max_pool(x, layer.geometry(x.shape[1:]))
         else:
             x = layer.apply(p, x, **kw)
         if tap is not None:

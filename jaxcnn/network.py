@@ -26,6 +26,10 @@ import numpy as np
 
 from jaxcnn import ops
 from jaxcnn.ops import _args
+from jaxcnn.ops._windows import Window
+from jaxcnn.ops.conv import geometry as conv_geometry
+from jaxcnn.ops.conv import resolve_store_phi
+from jaxcnn.ops.pool import geometry as pool_geometry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,6 +92,7 @@ class Conv(Layer):
     init: str = "he_normal"
     grad: str | None = None
     rule: str | None = None
+    store_phi: bool | None = None
     type: ClassVar[str] = "conv"
     prefix: ClassVar[str] = "conv"
 
@@ -95,14 +100,22 @@ class Conv(Layer):
         _check_features(self.type, self.features)
         _check_init(self.type, self.init)
         _check_mode(self.type, self.grad, self.rule)
+        if self.store_phi is not None:
+            resolve_store_phi(self.type, self.store_phi, self.rule or "im2col")
 
     def param_shapes(self, in_shape):
         kh, kw = _args.positive_pair(self.type, "kernel", self.kernel)
         return {"w": (kh, kw, in_shape[-1], self.features), **({"b": (self.features,)} if self.bias else {})}
 
+    def geometry(self, in_shape: Shape) -> Window:
+        """The convolution's resolved geometry (stride, dilation, padding pairs) over an input (H, W, C)."""
+        kernel = _args.positive_pair(self.type, "kernel", self.kernel)
+        return conv_geometry(self.type, in_shape[:2], kernel, self.stride, self.padding, self.dilation)
+
     def apply(self, params, x, *, grad, rule):
         return ops.conv2d(x, params["w"], params.get("b"), stride=self.stride, padding=self.padding,
-                          dilation=self.dilation, grad=self.grad or grad, rule=self.rule or rule)
+                          dilation=self.dilation, grad=self.grad or grad, rule=self.rule or rule,
+                          store_phi=self.store_phi)
 
 
 @dataclass(frozen=True)
@@ -112,10 +125,15 @@ class ConvReLUPool(Conv):
     pool: int | tuple[int, int] = 2
     type: ClassVar[str] = "conv_relu_pool"
 
+    def pool_geometry(self) -> Window:
+        """The max-pooling window over the conv output: ``pool`` x ``pool``, stride ``pool``, no padding."""
+        size = _args.positive_pair(self.type, "pool", self.pool)
+        return Window(size, size, (1, 1), ((0, 0), (0, 0)))
+
     def apply(self, params, x, *, grad, rule):
         return ops.conv_relu_pool(x, params["w"], params.get("b"), stride=self.stride, padding=self.padding,
                                   dilation=self.dilation, pool=self.pool, grad=self.grad or grad,
-                                  rule=self.rule or rule)
+                                  rule=self.rule or rule, store_phi=self.store_phi)
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,10 @@ class MaxPool(Layer):
 
     def __post_init__(self):
         _check_mode(self.type, self.grad)
+
+    def geometry(self, in_shape: Shape) -> Window:
+        """The pooling window's resolved geometry over an input (H, W, C)."""
+        return pool_geometry(self.type, in_shape[:2], self.window, self.stride, self.padding)
 
     def apply(self, params, x, *, grad, rule):
         return ops.max_pool2d(x, self.window, self.stride, self.padding, grad=self.grad or grad)

@@ -10,6 +10,7 @@ EXPERIMENTS = {
     "conv_complexity": ["conv_complexity.md", "conv_complexity.png"],
     "vanishing_gradients": ["vanishing_gradients.md", "vanishing_gradients.png"],
     "scaling": ["scaling.md"],
+    "benchmark": ["benchmark.md"],
 }
 
 

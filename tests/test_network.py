@@ -116,6 +116,10 @@ def test_layer_spec_errors():
         jc.Dense(3, init="zeros")
     with pytest.raises(ValueError, match="relu: grad must be 'hand' or 'autodiff'"):
         jc.ReLU(grad="numeric")
+    with pytest.raises(ValueError, match="conv: store_phi applies to rule='im2col'"):
+        jc.Conv(4, rule="flip", store_phi=True)
+    with pytest.raises(TypeError, match="conv_relu_pool: store_phi must be True, False or None, got 1"):
+        jc.ConvReLUPool(4, store_phi=1)
     with pytest.raises(TypeError, match="layer 1: expected a layer spec"):
         jc.Sequential([jc.ReLU(), "dense"])
 

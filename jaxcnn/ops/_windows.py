@@ -74,35 +74,38 @@ def crop(xp: jax.Array, window: Window, in_hw: Pair) -> jax.Array:
     return xp[:, top : top + in_hw[0], left : left + in_hw[1], :]
 
 
-def patches(xp: jax.Array, window: Window) -> list[jax.Array]:
-    """P_phi: for each window offset (row-major), the entries it reads at every output position.
+def patches(xp: jax.Array, window: Window) -> jax.Array:
+    """P_phi: the entries each window reads, [N, Ho, Wo, kh, kw, C], from an already padded [N, Hp, Wp, C].
 
-    ``xp`` is an already padded [N, Hp, Wp, C] array; each returned block is [N, Ho, Wo, C]. Concatenated along C
-    they form phi(pad(Z)) with one row per output position, in the order of a flattened HWIO kernel.
+    Reshaped to [N, Ho, Wo, kh*kw*C] it is phi(pad(Z)), one row per output position, in the order of a
+    flattened HWIO kernel. Built in two passes, kernel rows then kernel columns (kh + kw strided slices rather
+    than kh*kw): about twice as fast on CPU for few channels, as fast otherwise.
     """
-    n, hp, wp, c = xp.shape
-    ho, wo = window.fit((hp, wp))
+    ho, wo = window.fit(xp.shape[1:3])
     (sh, sw), (dh, dw) = window.stride, window.dilation
-    return [
-        lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                  (1, sh, sw, 1))
-        for i, j in window.offsets()
-    ]
+    rows = jnp.stack([lax.slice_in_dim(xp, i * dh, i * dh + (ho - 1) * sh + 1, sh, axis=1)
+                      for i in range(window.size[0])], axis=3)  # [N, Ho, Wp, kh, C]
+    return jnp.stack([lax.slice_in_dim(rows, j * dw, j * dw + (wo - 1) * sw + 1, sw, axis=2)
+                      for j in range(window.size[1])], axis=4)  # [N, Ho, Wo, kh, kw, C]
 
 
-def unpatches(blocks: list[jax.Array], window: Window, padded_hw: Pair) -> jax.Array:
-    """P_phi^T: the adjoint of ``patches`` (col2im): add each block back where it was read from.
+def unpatches(cols: jax.Array, window: Window, padded_hw: Pair) -> jax.Array:
+    """P_phi^T: the adjoint of ``patches`` (col2im): add every entry back where it was read from.
 
-    Block (i, j) [N, Ho, Wo, C] is spread onto the padded grid with ``stride - 1`` zeros between entries and
-    ``i * dilation`` zeros before; overlapping windows add up. A sum of pads: no scatter, no index arrays.
+    ``cols`` is [N, Ho, Wo, kh, kw, C]. Each kernel column j is spread along the width with ``stride - 1`` zeros
+    between entries and ``j * dilation`` before them, and the columns summed; then the same along the height for
+    the kernel rows. Overlapping windows add up. Sums of pads: no scatter, no index arrays.
     """
-    ho, wo = blocks[0].shape[1:3]
+    ho, wo = cols.shape[1:3]
     (sh, sw), (dh, dw) = window.stride, window.dilation
-    zero = jnp.zeros((), blocks[0].dtype)
-    total = None
-    for (i, j), block in zip(window.offsets(), blocks):
-        rows = (i * dh, padded_hw[0] - i * dh - (ho - 1) * sh - 1, sh - 1)
-        cols = (j * dw, padded_hw[1] - j * dw - (wo - 1) * sw - 1, sw - 1)
-        placed = lax.pad(block, zero, ((0, 0, 0), rows, cols, (0, 0, 0)))
-        total = placed if total is None else total + placed
-    return total
+    zero = jnp.zeros((), cols.dtype)
+
+    def spread(block, axis, offset, size, extent, step):
+        config = [(0, 0, 0)] * block.ndim
+        config[axis] = (offset, size - offset - (extent - 1) * step - 1, step - 1)
+        return lax.pad(block, zero, config)
+
+    rows = sum(spread(cols[:, :, :, :, j], 2, j * dw, padded_hw[1], wo, sw)
+               for j in range(window.size[1]))  # [N, Ho, Wp, kh, C]
+    return sum(spread(rows[:, :, :, i], 1, i * dh, padded_hw[0], ho, sh)
+               for i in range(window.size[0]))  # [N, Hp, Wp, C]

@@ -11,7 +11,8 @@ eq. (24) avoids it: a window's maximum is > 0 exactly when ReLU passed it, so th
     dxi/dvec(Z^m)^T = vec(W^T Delta)^T P_phi P_pad                        eq. (28)
 
 So the block saves only its input Z^m, its output Z^{m+1} (which the next layer saves anyway) and P_pool as one
-int8 index per output entry. Lin's last step, Delta (.) I[Z^m], is the previous block's eq. (26) mask.
+int8 index per output entry (and phi(pad(Z^m)) when ``store_phi``, as conv2d). Lin's last step,
+Delta (.) I[Z^m], is the previous block's eq. (26) mask.
 eq. (23) and eq. (24) agree: where the pooled value is 0 the window held no positive S, and every window entry
 that P_pool did not select gets no gradient either way.
 """
@@ -39,11 +40,12 @@ def conv_relu_pool(
     pool: int | tuple[int, int] = 2,
     grad: str = "hand",
     rule: str = "im2col",
+    store_phi: bool | None = None,
 ) -> jax.Array:
     """``max_pool2d(relu(conv2d(x, w, b)), pool)`` as one op whose hand backward is Lin eq. (24), (26)-(28).
 
     Args:
-      x, w, b, stride, padding, dilation, rule: as ``conv2d``.
+      x, w, b, stride, padding, dilation, rule, store_phi: as ``conv2d``.
       pool: max-pooling window, int or (ph, pw); its stride is the window (non-overlapping, as in Lin).
       grad: "hand" (fused rule, saves only Z^m, Z^{m+1} and P_pool) or "autodiff" (JAX through the same chain).
 
@@ -57,31 +59,38 @@ def conv_relu_pool(
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
     _args.choice(op, "rule", rule, _args.CONV_RULES)
+    store_phi = conv.resolve_store_phi(op, store_phi, rule)
     if grad == "autodiff":
-        return forward(window, pool_window, x, w, b)
-    return _block_hand(rule, window, pool_window, x, w, b)
+        return forward(window, pool_window, store_phi, x, w, b)
+    return _block_hand(rule, window, pool_window, store_phi, x, w, b)
 
 
-def forward(window: Window, pool_window: Window, x, w, b) -> jax.Array:
+def _conv(window: Window, store_phi: bool, x, w, b):
+    """(S, phi(pad(Z)) or None): the conv forward pass, as conv2d computes it."""
+    return conv.forward_with_phi(window, x, w, b) if store_phi else (conv.forward(window, x, w, b), None)
+
+
+def forward(window: Window, pool_window: Window, store_phi: bool, x, w, b) -> jax.Array:
     """The one forward pass, shared by both gradient modes: conv, then ReLU, then max pooling."""
-    return max_forward(pool_window, relu_forward(conv.forward(window, x, w, b)))
+    return max_forward(pool_window, relu_forward(_conv(window, store_phi, x, w, b)[0]))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _block_hand(rule, window, pool_window, x, w, b):
-    return forward(window, pool_window, x, w, b)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _block_hand(rule, window, pool_window, store_phi, x, w, b):
+    return forward(window, pool_window, store_phi, x, w, b)
 
 
-def _block_hand_fwd(rule, window, pool_window, x, w, b):
-    z_next, index = max_with_index(pool_window, relu_forward(conv.forward(window, x, w, b)))
-    return z_next, (x, w, b, z_next, index)
+def _block_hand_fwd(rule, window, pool_window, store_phi, x, w, b):
+    s, phi = _conv(window, store_phi, x, w, b)
+    z_next, index = max_with_index(pool_window, relu_forward(s))
+    return z_next, (x, w, b, z_next, index, phi)
 
 
-def _block_hand_bwd(rule, window, pool_window, res, delta):
-    x, w, b, z_next, index = res
+def _block_hand_bwd(rule, window, pool_window, store_phi, res, delta):
+    x, w, b, z_next, index, phi = res
     delta = delta * (z_next > 0)  # eq. (26): Delta (.) I[Z^{m+1}]
     delta = route(pool_window, index, delta, window.out_hw(x.shape[1:3]))  # ... P_pool
-    dx, dw, db = conv.backward(rule, window, x, w, delta)  # eq. (27), (28); db eq. (14)
+    dx, dw, db = conv.backward(rule, window, x, w, delta, stored_phi=phi)  # eq. (27), (28); db eq. (14)
     return dx, dw, None if b is None else db
 
 

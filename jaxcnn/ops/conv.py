@@ -6,6 +6,12 @@ Forward, Lin eq. (3), in NHWC/HWIO::
 
 Our rows are output positions, so ``S = phi(pad(Z)) @ w2 + b``: the notes' W^m is ``w2.T`` and their columns are
 our rows (their patch entries are ordered column-major, ours (kernel row, kernel column, channel) row-major).
+The forward pass computes this S either literally, as phi(pad(Z)) @ w2 keeping phi(pad(Z)) for eq. (12)
+(``store_phi``: Lin, "Storing phi(pad(Z))", "more suitable for CPU environments"), or with XLA's convolution
+(``lax.conv_general_dilated``), after which the im2col rule builds phi(pad(Z)) again, as in Lin's summary of
+operations. The default is the faster per backend: storing on CPU (measured in BENCHMARKS.md), XLA's
+convolution (cuDNN on GPUs) elsewhere. Both gradient modes share the forward pass chosen; tests/test_matrices.py
+checks S against W phi(pad(Z)) + b 1^T built from the notes' matrices.
 
 Backward, ``rule="im2col"`` (Lin, with Delta = dxi/dS)::
 
@@ -13,8 +19,7 @@ Backward, ``rule="im2col"`` (Lin, with Delta = dxi/dS)::
     db = Delta 1                             eq. (14)      ours: Delta summed over N, Ho, Wo
     dZ = vec(W^T Delta)^T P_phi P_pad        eq. (18)      ours: crop(unpatches(Delta @ w2^T))
 
-phi(pad(Z)) is recomputed in the backward pass rather than stored (Lin, "Storing phi(pad(Z))": it trades space for
-time).
+Storing phi(pad(Z)) trades space, kh*kw times Z's size, for its second expansion.
 
 Backward, ``rule="flip"`` (Ray; DD2424 "write back-prop eqn through convolution as a convolution"). Ray derives it
 for stride 1 and no dilation; the general case, one channel pair, 0-based, Zp = pad(Z), stride s, dilation d::
@@ -56,6 +61,7 @@ def conv2d(
     dilation: int | tuple[int, int] = 1,
     grad: str = "hand",
     rule: str = "im2col",
+    store_phi: bool | None = None,
 ) -> jax.Array:
     """2-D convolution ``S = W phi(pad(Z)) + b 1^T`` (Lin eq. 3) with a hand-derived or autodiff gradient.
 
@@ -68,7 +74,10 @@ def conv2d(
       dilation: int or (dh, dw), >= 1: kernel taps are ``dilation`` apart.
       grad: "hand" (custom VJP following the notes) or "autodiff" (JAX differentiates the same forward).
       rule: hand rule: "im2col" (Lin eq. 12, 14, 18) or "flip" (Ray / DD2424, generalised to stride and
-        dilation). Ignored when ``grad="autodiff"``.
+        dilation). With ``grad="autodiff"`` it only selects ``store_phi``'s default.
+      store_phi: compute S as phi(pad(Z)) @ w2 and, with the im2col rule, keep phi(pad(Z)) for dW (Lin's
+        space-for-time trade); False: XLA's convolution. Default (None): True on CPU with ``rule="im2col"``,
+        else False. Applies to both gradient modes, which share the forward pass.
 
     Returns:
       S, [N, Ho, Wo, C_out] with Ho = floor((H + top + bottom - dh*(kh-1) - 1) / sh) + 1 and likewise Wo.
@@ -76,9 +85,21 @@ def conv2d(
     x, w, b, window = check("conv2d", x, w, b, stride, padding, dilation)
     _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
     _args.choice("conv2d", "rule", rule, _args.CONV_RULES)
+    store_phi = resolve_store_phi("conv2d", store_phi, rule)
     if grad == "autodiff":
-        return forward(window, x, w, b)
-    return _conv_hand(rule, window, x, w, b)
+        return forward_with_phi(window, x, w, b)[0] if store_phi else forward(window, x, w, b)
+    return (_conv_hand_stored if store_phi else _conv_hand)(rule, window, x, w, b)
+
+
+def resolve_store_phi(op: str, store_phi: bool | None, rule: str) -> bool:
+    """The store_phi switch, its default resolved per backend: store on CPU with the im2col rule."""
+    if store_phi is None:
+        return rule == "im2col" and jax.default_backend() == "cpu"
+    if not isinstance(store_phi, bool):
+        raise TypeError(f"{op}: store_phi must be True, False or None, got {store_phi!r}")
+    if store_phi and rule != "im2col":
+        raise ValueError(f"{op}: store_phi applies to rule='im2col' (the flip rule does not use phi(pad(Z)))")
+    return store_phi
 
 
 def check(op: str, x, w, b, stride, padding, dilation) -> tuple[jax.Array, jax.Array, jax.Array | None, Window]:
@@ -93,16 +114,20 @@ def check(op: str, x, w, b, stride, padding, dilation) -> tuple[jax.Array, jax.A
         raise ValueError(f"{op}: channel mismatch: x has C_in={x.shape[3]} (x.shape[3]) but w expects "
                          f"C_in={w.shape[2]} (w.shape[2]); x is NHWC and w is HWIO")
     _args.same_dtype(op, x=x, w=w, b=b)
+    if min(w.shape[:2]) < 1:
+        raise ValueError(f"{op}: w must have a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    return x, w, b, geometry(op, x.shape[1:3], w.shape[:2], stride, padding, dilation)
+
+
+def geometry(op: str, in_hw, kernel_hw, stride, padding, dilation) -> Window:
+    """The geometry of a convolution of a ``kernel_hw`` kernel over an ``in_hw`` input, checked and resolved
+    (padding as pairs, "SAME" included)."""
     stride = _args.positive_pair(op, "stride", stride)
     dilation = _args.positive_pair(op, "dilation", dilation)
-    size = (w.shape[0], w.shape[1])
-    if min(size) < 1:
-        raise ValueError(f"{op}: w must have a kernel of at least 1x1, got shape {tuple(w.shape)}")
-    window = Window(size, stride, dilation, ((0, 0), (0, 0)))
-    in_hw = (x.shape[1], x.shape[2])
-    window = window._replace(padding=_args.padding(op, padding, in_hw, window.extent, stride))
-    fits(op, "kernel", window, in_hw)
-    return x, w, b, window
+    win = Window(tuple(kernel_hw), stride, dilation, ((0, 0), (0, 0)))
+    win = win._replace(padding=_args.padding(op, padding, tuple(in_hw), win.extent, stride))
+    fits(op, "kernel", win, in_hw)
+    return win
 
 
 def fits(op: str, what: str, window: Window, in_hw, into: str = "input") -> None:
@@ -115,31 +140,42 @@ def fits(op: str, what: str, window: Window, in_hw, into: str = "input") -> None
 
 def phi(window: Window, x: jax.Array) -> jax.Array:
     """phi(pad(Z)) (Lin eq. 3): [N, Ho, Wo, kh*kw*C_in], one row per output position, HWIO order."""
-    return jnp.concatenate(patches(pad(x, window), window), axis=-1)
+    cols = patches(pad(x, window), window)
+    return cols.reshape(*cols.shape[:3], -1)
 
 
 def forward(window: Window, x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-    """The one forward pass of conv2d, shared by both gradient modes: phi(pad(Z)) @ w2 (+ b)."""
-    s = jnp.matmul(phi(window, x), w.reshape(-1, w.shape[3]))
+    """The forward pass of conv2d, shared by both gradient modes: S = W phi(pad(Z)) + b 1^T, by XLA's
+    convolution."""
+    s = lax.conv_general_dilated(x, w, window.stride, window.padding, rhs_dilation=window.dilation,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return s if b is None else s + b
 
 
-def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
+def forward_with_phi(window: Window, x: jax.Array, w: jax.Array, b: jax.Array | None):
+    """(S, phi(pad(Z))) with S computed as phi(pad(Z)) @ w2 (+ b): the forward pass when phi is stored."""
+    p = phi(window, x)
+    s = jnp.matmul(p, w.reshape(-1, w.shape[3]))
+    return (s if b is None else s + b), p
+
+
+def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, stored_phi=None):
     """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
     db = delta.sum(axis=(0, 1, 2))  # eq. (14): Delta 1
     if rule == "im2col":
-        return (*_im2col_backward(window, x, w, delta), db)
+        return (*_im2col_backward(window, x, w, delta, stored_phi), db)
     return (*_flip_backward(window, x, w, delta), db)
 
 
-def _im2col_backward(window: Window, x, w, delta):
+def _im2col_backward(window: Window, x, w, delta, stored_phi=None):
     c_out = w.shape[3]
     rows = delta.reshape(-1, c_out)
-    dw = jnp.matmul(phi(window, x).reshape(rows.shape[0], -1).T, rows).reshape(w.shape)  # eq. (12)
+    p = phi(window, x) if stored_phi is None else stored_phi
+    dw = jnp.matmul(p.reshape(rows.shape[0], -1).T, rows).reshape(w.shape)  # eq. (12)
     dphi = jnp.matmul(delta, w.reshape(-1, c_out).T)  # W^T Delta, eq. (18)
-    blocks = jnp.split(dphi, len(window.offsets()), axis=-1)
     in_hw = x.shape[1:3]
-    dx = crop(unpatches(blocks, window, window.padded_hw(in_hw)), window, in_hw)  # P_phi^T then P_pad^T
+    cols = dphi.reshape(*dphi.shape[:3], *w.shape[:3])  # [N, Ho, Wo, kh, kw, C_in]
+    dx = crop(unpatches(cols, window, window.padded_hw(in_hw)), window, in_hw)  # P_phi^T then P_pad^T
     return dx, dw
 
 
@@ -179,3 +215,22 @@ def _conv_hand_bwd(rule, window, res, delta):
 
 
 _conv_hand.defvjp(_conv_hand_fwd, _conv_hand_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _conv_hand_stored(rule, window, x, w, b):
+    return forward_with_phi(window, x, w, b)[0]
+
+
+def _conv_hand_stored_fwd(rule, window, x, w, b):
+    s, p = forward_with_phi(window, x, w, b)
+    return s, (x, w, b, p)
+
+
+def _conv_hand_stored_bwd(rule, window, res, delta):
+    x, w, b, p = res
+    dx, dw, db = backward(rule, window, x, w, delta, stored_phi=p)
+    return dx, dw, None if b is None else db
+
+
+_conv_hand_stored.defvjp(_conv_hand_stored_fwd, _conv_hand_stored_bwd)

@@ -68,46 +68,96 @@ def avg_pool2d(x: jax.Array, window=2, stride=None, padding="VALID", *, grad: st
 
 def check(op: str, x, window, stride, padding) -> tuple[jax.Array, Window]:
     x = _args.array(op, "x", x, rank=4, layout="[N, H, W, C]")
+    return x, geometry(op, x.shape[1:3], window, stride, padding)
+
+
+def geometry(op: str, in_hw, window, stride, padding) -> Window:
+    """The geometry of a pooling window over an ``in_hw`` input, checked and resolved (stride defaults to the
+    window; padding as pairs)."""
+    in_hw = tuple(in_hw)
     size = _args.positive_pair(op, "window", window)
     stride = size if stride is None else _args.positive_pair(op, "stride", stride)
-    in_hw = (x.shape[1], x.shape[2])
     win = Window(size, stride, (1, 1), _args.padding(op, padding, in_hw, size, stride))
     for axis, (lo, hi), k in zip(("height", "width"), win.padding, size):
         if max(lo, hi) >= k:
             raise ValueError(f"{op}: padding {(lo, hi)} in {axis} must be smaller than the window ({k}) on each "
                              f"side, or some windows would hold only padding")
     fits(op, "window", win, in_hw)
-    return x, win
+    return win
 
 
 def _windows(win: Window, x: jax.Array, fill: float) -> jax.Array:
-    """The K entries of every window, stacked last: [N, Ho, Wo, C, K] (K in row-major window order)."""
-    return jnp.stack(patches(pad(x, win, fill), win), axis=-1)
+    """The entries of every window, [N, Ho, Wo, kh, kw, C], with padding ``fill``."""
+    return patches(pad(x, win, fill), win)
+
+
+# Windows that tile the input (stride = window, no padding: the notes' pooling and every preset's) are a reshape
+# of it, [N, Ho, kh, Wo, kw, C]: the max, its first position and the routing back are then single elementwise
+# passes instead of K shifted copies and K padded sums. Rows and columns past the last window are dropped.
+
+def _tiles(win: Window) -> bool:
+    return win.stride == win.size and win.padding == ((0, 0), (0, 0))
+
+
+def _tiled(win: Window, x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    (kh, kw), ho, wo = win.size, h // win.size[0], w // win.size[1]
+    return x[:, : ho * kh, : wo * kw].reshape(n, ho, kh, wo, kw, c)
+
+
+def _untile(t: jax.Array, in_hw) -> jax.Array:
+    """Inverse of ``_tiled`` (its adjoint): back to [N, H, W, C], zeros where no window reaches."""
+    n, ho, kh, wo, kw, c = t.shape
+    dropped = ((0, 0), (0, in_hw[0] - ho * kh), (0, in_hw[1] - wo * kw), (0, 0))
+    return jnp.pad(t.reshape(n, ho * kh, wo * kw, c), dropped)
+
+
+def _offsets(win: Window, dtype) -> jax.Array:
+    """Each tile entry's row-major offset i * kw + j, shaped to broadcast against ``_tiled``."""
+    kh, kw = win.size
+    return (jnp.arange(kh)[:, None] * kw + jnp.arange(kw)).astype(dtype).reshape(1, 1, kh, 1, kw, 1)
+
+
+def _spread(v: jax.Array) -> jax.Array:
+    """[N, Ho, Wo, C] -> [N, Ho, 1, Wo, 1, C], to broadcast against ``_tiled``."""
+    return v[:, :, None, :, None, :]
 
 
 def max_forward(win: Window, x: jax.Array) -> jax.Array:
     """The one forward pass of max pooling: the max over each window."""
-    return _windows(win, x, -jnp.inf).max(axis=-1)
+    if _tiles(win):
+        return _tiled(win, x).max(axis=(2, 4))
+    return _windows(win, x, -jnp.inf).max(axis=(3, 4))
 
 
 def max_with_index(win: Window, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Forward pass and P_pool: the max of each window and the offset (int8 or int32) of its first maximum."""
-    stacked = _windows(win, x, -jnp.inf)
-    index_dtype = jnp.int8 if stacked.shape[-1] <= 127 else jnp.int32
-    return stacked.max(axis=-1), jnp.argmax(stacked, axis=-1).astype(index_dtype)
+    k = len(win.offsets())
+    index_dtype = jnp.int8 if k <= 127 else jnp.int32
+    if _tiles(win):
+        t = _tiled(win, x)
+        z = t.max(axis=(2, 4))
+        return z, jnp.where(t == _spread(z), _offsets(win, index_dtype), k).min(axis=(2, 4))  # first maximum
+    w = _windows(win, x, -jnp.inf)
+    flat = w.reshape(*w.shape[:3], k, w.shape[5])  # window entries in row-major order
+    return flat.max(axis=3), jnp.argmax(flat, axis=3).astype(index_dtype)  # argmax: the first maximum
 
 
 def route(win: Window, index: jax.Array, delta: jax.Array, in_hw) -> jax.Array:
     """Delta^T P_pool (Lin eq. 16, 23): put each Delta entry where its window's first maximum was."""
     zero = jnp.zeros((), delta.dtype)
-    blocks = [jnp.where(index == k, delta, zero) for k in range(len(win.offsets()))]
-    return crop(unpatches(blocks, win, win.padded_hw(in_hw)), win, in_hw)
+    if _tiles(win):
+        return _untile(jnp.where(_offsets(win, index.dtype) == _spread(index), _spread(delta), zero), in_hw)
+    offsets = _offsets(win, index.dtype).reshape(1, 1, 1, *win.size, 1)
+    cols = jnp.where(offsets == index[:, :, :, None, None, :], delta[:, :, :, None, None, :], zero)
+    return crop(unpatches(cols, win, win.padded_hw(in_hw)), win, in_hw)
 
 
 def avg_forward(win: Window, x: jax.Array) -> jax.Array:
     """The one forward pass of average pooling: the sum of each window over K."""
-    blocks = patches(pad(x, win), win)
-    return sum(blocks[1:], blocks[0]) / len(blocks)
+    if _tiles(win):
+        return _tiled(win, x).sum(axis=(2, 4)) / len(win.offsets())
+    return _windows(win, x, 0.0).sum(axis=(3, 4)) / len(win.offsets())
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -137,8 +187,13 @@ def _avg_hand_fwd(win, in_hw, x):
 
 
 def _avg_hand_bwd(win, in_hw, _, delta):
-    spread = delta / len(win.offsets())
-    return (crop(unpatches([spread] * len(win.offsets()), win, win.padded_hw(in_hw)), win, in_hw),)
+    share = delta / len(win.offsets())  # A_AvgPool^T: Delta / K to every entry of the window
+    n, ho, wo, c = delta.shape
+    kh, kw = win.size
+    if _tiles(win):
+        return (_untile(jnp.broadcast_to(_spread(share), (n, ho, kh, wo, kw, c)), in_hw),)
+    cols = jnp.broadcast_to(share[:, :, :, None, None, :], (n, ho, wo, kh, kw, c))
+    return (crop(unpatches(cols, win, win.padded_hw(in_hw)), win, in_hw),)
 
 
 _avg_hand.defvjp(_avg_hand_fwd, _avg_hand_bwd)

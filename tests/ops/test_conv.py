@@ -12,9 +12,12 @@ from jax.test_util import check_grads
 import jaxcnn as jc
 from tests.helpers import DTYPES, assert_close, assert_modes_agree, normal
 
+# Both forward passes (phi(pad(Z)) @ w2, and XLA's convolution) under both gradient modes.
 VARIANTS = {
-    "autodiff": {"grad": "autodiff"},
-    "hand im2col": {"grad": "hand", "rule": "im2col"},
+    "autodiff": {"grad": "autodiff", "store_phi": True},
+    "autodiff, xla forward": {"grad": "autodiff", "store_phi": False},
+    "hand im2col, phi stored": {"grad": "hand", "rule": "im2col", "store_phi": True},
+    "hand im2col, phi recomputed": {"grad": "hand", "rule": "im2col", "store_phi": False},
     "hand flip": {"grad": "hand", "rule": "flip"},
 }
 

@@ -1,0 +1,98 @@
+"""The benchmark of BENCHMARKS.md: one training step, hand rules vs autodiff vs XLA vs Flax vs PyTorch.
+
+    python -m experiments.benchmark          # rewrites the marked section of BENCHMARKS.md and results/benchmark.md
+
+Runs ``jaxcnn.bench`` for simplenn-mnist and simplenn-cifar at batch 128 in float32 (and, on an accelerator,
+batch 512, bfloat16 and vgg-small), plus the compiled memory of one fused block against XLA's autodiff chain.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from experiments._common import machine, parser, write
+from jaxcnn import bench
+from jaxcnn._io import atomic_write
+from jaxcnn.cli import INPUT_SHAPES
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+
+
+def cases(quick: bool) -> list[tuple[str, int, str]]:
+    if quick:
+        return [("digits-cnn", 32, "float32")]
+    runs = [("simplenn-mnist", 128, "float32"), ("simplenn-cifar", 128, "float32")]
+    if jax.default_backend() != "cpu":
+        runs += [(p, b, d) for p in ("simplenn-mnist", "simplenn-cifar", "vgg-small") for b in (128, 512)
+                 for d in ("float32", "bfloat16") if (p, b, d) not in runs]
+    return runs
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
+                   help="file whose marked section is rewritten (skipped with --quick)")
+    args = p.parse_args(argv)
+    steps = 2 if args.quick else args.steps
+    ceilings = {d: bench.matmul_ceiling(512 if args.quick else 2048, jnp.dtype(d)) for d in ("float32", "bfloat16")
+                if d == "float32" or jax.default_backend() != "cpu"}
+    sections = []
+    for preset, batch, dtype in cases(args.quick):
+        shape = (8, 8, 1) if preset == "digits-cnn" else INPUT_SHAPES["cifar10" if "cifar" in preset or
+                                                                        "vgg" in preset else "mnist"]
+        result = bench.run(preset, shape, batch, steps=steps, dtype=jnp.dtype(dtype),
+                           progress=lambda line: print(line, flush=True))
+        sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP per step "
+                        f"(counted by hand); median of {steps} steps per variant, timed round-robin.\n\n"
+                        f"{bench.table(result, ceilings[dtype])}\n")
+    pool_batch = 8 if args.quick else 128
+    pools = bench.pool_times(batch=pool_batch)
+    pool_rows = "\n".join(f"| {'x'.join(map(str, shape))} | {xla:.2f} | {hand:.2f} | {auto:.2f} | {xla / hand:.1f}x |"
+                          for shape, xla, hand, auto in pools)
+    total = [sum(row[i] for row in pools) for i in (1, 2, 3)]
+    memory = bench.block_memory(batch=16 if args.quick else 128)
+    xla = dict(memory)["xla autodiff chain"]
+    memory_rows = "\n".join(f"| {name} | {mb:.1f} | {mb / xla:.2f}x |" for name, mb in memory)
+    text = f"""Measured by `python -m experiments.benchmark` on {machine()}.
+Matmul ceiling (an n x n product, float32): {ceilings['float32']:.0f} GFLOP/s.
+
+{chr(10).join(sections)}
+### Max pooling alone
+
+The gradient of 2x2 max pooling (forward and backward, jitted, median of 20) at simplenn-mnist's three pooling
+inputs, batch {pool_batch}, in ms: XLA's `reduce_window` differentiated by JAX (its `select_and_scatter`),
+`max_pool2d`'s hand rule (Delta^T P_pool over tiles), and JAX differentiating `max_pool2d`'s forward.
+
+| input | xla autodiff | hand | autodiff of ours | xla / hand |
+|---|---|---|---|---|
+{pool_rows}
+| all three | {total[0]:.2f} | {total[1]:.2f} | {total[2]:.2f} | {total[0] / total[1]:.1f}x |
+
+### One fused block's compiled memory
+
+The gradient of one conv 3x3 + ReLU + 2x2 max-pool layer (simplenn-mnist's second: batch 128, 14x14x32 -> 64),
+`jit(grad(...)).lower(...).compile().memory_analysis().temp_size_in_bytes`:
+
+| variant | temp MB | vs XLA's autodiff chain |
+|---|---|---|
+{memory_rows}
+"""
+    write(args.out, "benchmark.md", f"# Benchmark\n\n{text}")
+    if not args.quick:
+        page = args.benchmarks_md.read_text()
+        if START not in page or END not in page:
+            raise SystemExit(f"{args.benchmarks_md} has no {START} ... {END} section to rewrite")
+        page = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda m: f"{START}\n{text}\n{END}", page,
+                      flags=re.S)
+        atomic_write(args.benchmarks_md, page)
+        print(f"rewrote the benchmark section of {args.benchmarks_md}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""One training step, measured side by side in one process: hand rules, autodiff, XLA's convolution, Flax, PyTorch.
+
+Every variant takes the same step: Lin's objective (softmax cross-entropy) on the same random batch, its gradient,
+and an Adam update, jitted (JAX) or run eagerly (PyTorch). For each: compile time, step time (median, min, max of
+``steps`` after a warm-up), XLA's compiled memory (temporaries, arguments, outputs), FLOPs counted by hand from
+the notes (the three products of each conv layer and of each dense layer: what any implementation must compute),
+the achieved GFLOP/s and its share of a measured matmul ceiling, and the time relative to XLA's own convolution
+differentiated by autodiff (the baseline every JAX user starts from).
+
+Variants: ``hand im2col`` (with the backend's default ``store_phi``) and the same with the other setting of
+Lin's space-for-time switch, ``hand flip``, ``hand fused`` (Lin's conv-ReLU-pool block), ``autodiff`` (JAX
+through our forward), ``xla autodiff`` (``lax.conv_general_dilated`` + ``lax.reduce_window``), ``flax`` (linen,
+if installed: ``pip install jaxcnn[bench]``), ``pytorch`` and ``pytorch channels_last`` (if torch is
+importable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxcnn import network as nw
+from jaxcnn import objective as obj
+
+
+@dataclass
+class Measurement:
+    name: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    compile_s: float | None = None
+    temp_mb: float | None = None
+    argument_mb: float | None = None
+    output_mb: float | None = None
+    note: str = ""
+
+
+def count_flops(net: nw.Sequential, input_shape, batch: int) -> int:
+    """FLOPs of one training step's matrix products, counted as in Lin's complexity section: for each conv layer
+    W phi(pad(Z)), Delta phi^T and W^T Delta (2 I d_next h h d a_conv b_conv each), for each dense layer the same
+    three products. The first layer's W^T Delta (the input gradient) is not needed and not counted."""
+    shapes = [tuple(input_shape), *net.shapes(input_shape)]
+    total = 0
+    first = True
+    for layer, shape_in, shape_out in zip(net.layers, shapes, shapes[1:]):
+        if isinstance(layer, nw.Conv):
+            win = layer.geometry(shape_in)
+            ho, wo = win.out_hw(shape_in[:2])
+            macs = batch * layer.features * win.size[0] * win.size[1] * shape_in[-1] * ho * wo
+        elif isinstance(layer, nw.Dense):
+            macs = batch * shape_in[-1] * shape_out[-1]
+        else:
+            continue
+        total += 2 * macs * (2 if first else 3)
+        first = False
+    return total
+
+
+def _median_s(f: Callable, *args, repeats: int = 10) -> float:
+    """Median seconds of ``f(*args)`` after one warm-up call (which compiles a jitted ``f``)."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_ceiling(n: int = 2048, dtype=jnp.float32) -> float:
+    """GFLOP/s of an n x n matrix product on the default device: the roof for the conv products."""
+    return 2 * n**3 / _median_s(jax.jit(lambda a: a @ a), jnp.ones((n, n), dtype)) / 1e9
+
+
+def pool_times(batch: int = 128, shapes=((28, 28, 32), (14, 14, 64), (7, 7, 64))) -> list[tuple]:
+    """(shape, ms XLA, ms hand, ms autodiff) of the gradient of 2x2 max pooling alone, at each input shape
+    (simplenn-mnist's three by default): ``lax.reduce_window`` differentiated by JAX, ``max_pool2d`` by the hand
+    rule (Delta^T P_pool), and JAX differentiating ``max_pool2d``'s forward."""
+    import jaxcnn as jc
+
+    variants = {
+        "xla": lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"),
+        "hand": lambda x: jc.max_pool2d(x, 2),
+        "autodiff": lambda x: jc.max_pool2d(x, 2, grad="autodiff"),
+    }
+    rows = []
+    for shape in shapes:
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *shape)), jnp.float32)
+        rows.append((shape, *(1e3 * _median_s(jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2))), x, repeats=20)
+                              for f in variants.values())))
+    return rows
+
+
+def xla_apply(net: nw.Sequential, params: dict, x: jax.Array) -> jax.Array:
+    """The network written with XLA's own primitives (``lax.conv_general_dilated``, ``lax.reduce_window``,
+    ``jax.nn``), as a JAX user would without this library: the autodiff baseline."""
+    for name, layer in zip(net.names, net.layers):
+        p = params[name] if name else {}
+        if isinstance(layer, nw.Conv):
+            win = layer.geometry(x.shape[1:])
+            x = lax.conv_general_dilated(x, p["w"], win.stride, win.padding, rhs_dilation=win.dilation,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x = x + p["b"] if "b" in p else x
+            if isinstance(layer, nw.ConvReLUPool):
+                k = layer.pool_geometry().size
+                x = lax.reduce_window(jax.nn.relu(x), -jnp.inf, lax.max, (1, *k, 1), (1, *k, 1), "VALID")
+        elif isinstance(layer, nw.MaxPool):  # and AvgPool
+            win = layer.geometry(x.shape[1:])
+            pads = ((0, 0), *win.padding, (0, 0))
+            if isinstance(layer, nw.AvgPool):
+                x = lax.reduce_window(x, 0.0, lax.add, (1, *win.size, 1), (1, *win.stride, 1), pads)
+                x = x / (win.size[0] * win.size[1])
+            else:
+                x = lax.reduce_window(x, -jnp.inf, lax.max, (1, *win.size, 1), (1, *win.stride, 1), pads)
+        elif isinstance(layer, nw.Dense):
+            x = x @ p["w"] + p["b"] if "b" in p else x @ p["w"]
+        elif isinstance(layer, nw.Flatten):
+            x = x.reshape(x.shape[0], -1)
+        else:
+            x = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh}[layer.type](x)
+    return x
+
+
+def with_store_phi(net: nw.Sequential, store_phi: bool | None) -> nw.Sequential:
+    """The network with every conv layer's ``store_phi`` set."""
+    return nw.Sequential([dataclasses.replace(layer, store_phi=store_phi) if isinstance(layer, nw.Conv) else layer
+                          for layer in net.layers], name=net.name)
+
+
+def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
+    """name -> loss(params, x, y) for the JAX variants that share our params."""
+    def ours(n, grad, rule):
+        return lambda p, x, y: obj.objective(p, n, x, y, grad=grad, rule=rule)[0]
+
+    fused = net.fuse()
+    store = jax.default_backend() == "cpu"  # the default (see conv2d's store_phi)
+    variants = {
+        "hand im2col": ours(net, "hand", "im2col"),
+        f"hand im2col, phi {'recomputed' if store else 'stored'}": ours(with_store_phi(net, not store), "hand",
+                                                                        "im2col"),
+        "hand flip": ours(net, "hand", "flip"),
+        "hand fused": ours(fused, "hand", "im2col") if fused != net else None,
+        "autodiff": ours(net, "autodiff", "im2col"),
+        "xla autodiff": lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(xla_apply(net, p, x),
+                                                                                        y).mean(),
+    }
+    return {k: v for k, v in variants.items() if v is not None}
+
+
+class JaxStep:
+    """A compiled, jitted Adam step of ``loss`` (compile time and memory measured apart); each call runs one."""
+
+    def __init__(self, loss: Callable, params, x, y):
+        tx = optax.adam(1e-3)
+
+        def step(params, opt_state, x, y):
+            value, grads = jax.value_and_grad(loss)(params, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        params = jax.tree_util.tree_map(jnp.copy, params)  # donated below: the caller's params stay intact
+        opt_state = tx.init(params)
+        start = time.perf_counter()
+        self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, y).compile()
+        self.compile_s = time.perf_counter() - start
+        self.memory = _memory(self.compiled)
+        self.state, self.batch = (params, opt_state), (x, y)
+
+    def __call__(self) -> None:
+        params, opt_state, value = self.compiled(*self.state, *self.batch)
+        value.block_until_ready()
+        self.state = (params, opt_state)
+
+
+def _memory(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+        return {"temp_mb": m.temp_size_in_bytes / 2**20, "argument_mb": m.argument_size_in_bytes / 2**20,
+                "output_mb": m.output_size_in_bytes / 2**20}
+    except (NotImplementedError, AttributeError):  # not every backend reports it
+        return {}
+
+
+def _stats(times: list[float]) -> tuple[float, float, float]:
+    t = np.asarray(times) * 1e3
+    return float(np.median(t)), float(t.min()), float(t.max())
+
+
+def flax_model(net: nw.Sequential):
+    """The same network in Flax linen (None without flax)."""
+    try:
+        import flax.linen as fnn
+    except ImportError:
+        return None
+
+    class Model(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            for layer in net.layers:
+                if isinstance(layer, nw.Conv):
+                    win = layer.geometry(x.shape[1:])
+                    x = fnn.Conv(layer.features, win.size, win.stride, list(win.padding),
+                                 kernel_dilation=win.dilation, use_bias=layer.bias)(x)
+                    if isinstance(layer, nw.ConvReLUPool):
+                        k = layer.pool_geometry().size
+                        x = fnn.max_pool(fnn.relu(x), k, k)
+                elif isinstance(layer, nw.MaxPool):
+                    win = layer.geometry(x.shape[1:])
+                    f = fnn.avg_pool if isinstance(layer, nw.AvgPool) else fnn.max_pool
+                    x = f(x, win.size, win.stride, list(win.padding))
+                elif isinstance(layer, nw.Dense):
+                    x = fnn.Dense(layer.features, use_bias=layer.bias)(x)
+                elif isinstance(layer, nw.Flatten):
+                    x = x.reshape(x.shape[0], -1)
+                else:
+                    x = {"relu": fnn.relu, "sigmoid": fnn.sigmoid, "tanh": jnp.tanh}[layer.type](x)
+            return x
+
+    return Model()
+
+
+def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool) -> Callable | None:
+    """The same step in PyTorch eager (None without torch); NCHW, or NHWC memory ("channels_last")."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    layers, shapes = [], [tuple(input_shape), *net.shapes(input_shape)]
+    for layer, shape in zip(net.layers, shapes):
+        if isinstance(layer, nw.Conv):
+            win = layer.geometry(shape)
+            (top, bottom), (left, right) = win.padding
+            if top != bottom or left != right:
+                layers.append(torch.nn.ZeroPad2d((left, right, top, bottom)))
+                top = left = 0
+            layers.append(torch.nn.Conv2d(shape[-1], layer.features, win.size, win.stride, (top, left), win.dilation,
+                                          bias=layer.bias))
+            if isinstance(layer, nw.ConvReLUPool):
+                layers += [torch.nn.ReLU(), torch.nn.MaxPool2d(layer.pool_geometry().size)]
+        elif isinstance(layer, nw.MaxPool):
+            win = layer.geometry(shape)
+            (top, bottom), (left, right) = win.padding
+            kind = torch.nn.AvgPool2d if isinstance(layer, nw.AvgPool) else torch.nn.MaxPool2d
+            layers.append(kind(win.size, win.stride, (top, left)))
+        elif isinstance(layer, nw.Dense):
+            layers.append(torch.nn.Linear(shape[-1], layer.features, bias=layer.bias))
+        elif isinstance(layer, nw.Flatten):
+            layers.append(torch.nn.Flatten())
+        else:
+            layers.append({"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh}[layer.type]())
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(batch, input_shape[2], *input_shape[:2])
+    y = torch.randint(0, shapes[-1][-1], (batch,))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    step.note = f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager"
+    return step
+
+
+def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32, seed: int = 0,
+        torch: bool = True, progress: Callable[[str], None] | None = None, variants: dict | None = None) -> dict:
+    """Measure every available variant of ``preset`` (or the given ``variants``: name -> loss(params, x, y)).
+
+    All variants are compiled and warmed up first, then timed round-robin, one step of each per round, so that
+    the machine's drifting speed affects them alike; returns {"measurements", "flops", ...}.
+    """
+    net = nw.preset(preset)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(batch, *input_shape)), dtype)
+    y = jnp.asarray(rng.integers(0, net.shapes(input_shape)[-1][-1], batch), jnp.int32)
+    params = net.init(jax.random.key(seed), input_shape, dtype=dtype)
+    runners: dict[str, Callable] = {}
+    for name, loss in (variants or jax_variants(net)).items():
+        runners[name] = JaxStep(loss, params, x, y)
+    model = flax_model(net) if variants is None else None
+    if model is not None:
+        import flax
+
+        loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+        runners["flax"] = JaxStep(loss, model.init(jax.random.key(seed), x), x, y)
+        runners["flax"].note = f"flax {flax.__version__} linen"
+    if variants is None and torch and dtype == jnp.float32 and jax.devices()[0].platform == "cpu":
+        for channels_last in (False, True):
+            step = torch_step(net, input_shape, batch, channels_last)
+            if step is not None:
+                runners["pytorch channels_last" if channels_last else "pytorch"] = step
+    for runner in runners.values():
+        runner()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(steps):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner()
+            times[name].append(time.perf_counter() - start)
+    results = []
+    for name, runner in runners.items():
+        extra = {"compile_s": runner.compile_s, **runner.memory} if isinstance(runner, JaxStep) else {}
+        results.append(Measurement(name, *_stats(times[name]), note=getattr(runner, "note", ""), **extra))
+        if progress:
+            progress(f"{preset} b{batch}: {name} {results[-1].median_ms:.1f} ms")
+    return {"preset": preset, "batch": batch, "dtype": str(jnp.dtype(dtype)), "measurements": results,
+            "flops": count_flops(net, input_shape, batch), "steps": steps}
+
+
+def table(result: dict, ceiling: float) -> str:
+    """A Markdown table of one ``run``: times, ratios to the XLA autodiff baseline, GFLOP/s, memory."""
+    base = next((m.median_ms for m in result["measurements"] if m.name == "xla autodiff"), None)
+    gflop = result["flops"] / 1e9
+    rows = ["| variant | ms (median) | min-max | vs xla autodiff | GFLOP/s | % of ceiling | compile s | temp MB | "
+            "args MB | out MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in result["measurements"]:
+        rate = gflop / (m.median_ms / 1e3)
+        fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
+        rows.append(f"| {m.name} | {m.median_ms:.1f} | {m.min_ms:.1f}-{m.max_ms:.1f} | "
+                    f"{fmt(base and m.median_ms / base, '{:.2f}x')} | {rate:.1f} | {rate / ceiling:.0%} | "
+                    f"{fmt(m.compile_s)} | {fmt(m.temp_mb)} | {fmt(m.argument_mb)} | {fmt(m.output_mb)} |")
+    return "\n".join(rows)
+
+
+def block_memory(batch: int = 128, shape=(14, 14, 32), features: int = 64) -> list[tuple[str, float]]:
+    """Compiled temporary memory (MB) of the gradient of one conv + ReLU + 2x2 max-pool layer (simplenn-mnist's
+    second by default): Lin's fused block by each rule against XLA's autodiff chain."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], features)), jnp.float32) * 0.1
+    b = jnp.zeros(features, jnp.float32)
+    import jaxcnn as jc
+
+    def xla_chain(x, w, b):
+        s = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return lax.reduce_window(jax.nn.relu(s + b), -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    variants = {
+        "fused, flip": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="flip"),
+        "fused, im2col": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="im2col", store_phi=False),
+        "fused, im2col, phi stored": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, store_phi=True),
+        "xla autodiff chain": xla_chain,
+    }
+    out = []
+    for name, f in variants.items():
+        compiled = jax.jit(jax.grad(lambda w, b, x, f=f: jnp.sum(f(x, w, b) ** 2), argnums=(0, 1))).lower(
+            w, b, x).compile()
+        out.append((name, _memory(compiled).get("temp_mb", float("nan"))))
+    return out

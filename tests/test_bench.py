@@ -1,0 +1,77 @@
+"""The benchmark's pieces: the FLOP count of the notes, the XLA and Flax baselines computing the same network,
+and the command (PyTorch is not installed in CI; its mirror is exercised where it is)."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcnn as jc
+from jaxcnn import bench, cli
+
+NET = jc.Sequential([jc.Conv(4, 3, stride=(1, 2), padding=((1, 0), (2, 1))), jc.Tanh(), jc.MaxPool(2),
+                     jc.ConvReLUPool(6, 3, padding=1), jc.AvgPool((2, 1)), jc.Sigmoid(), jc.Flatten(),
+                     jc.Dense(5), jc.ReLU(), jc.Dense(3)])
+SHAPE = (12, 16, 2)
+
+
+def test_flops_of_simplenn_mnist_are_the_hand_count():
+    conv1 = 2 * 128 * 32 * (5 * 5 * 1) * 28 * 28 * 2  # forward and dW: the input gradient is not needed
+    conv2 = 2 * 128 * 64 * (3 * 3 * 32) * 14 * 14 * 3
+    conv3 = 2 * 128 * 64 * (3 * 3 * 64) * 7 * 7 * 3
+    dense = 2 * 128 * 576 * 10 * 3
+    assert bench.count_flops(jc.preset("simplenn-mnist"), (28, 28, 1), 128) == conv1 + conv2 + conv3 + dense
+    assert round((conv1 + conv2 + conv3 + dense) / 1e9, 2) == 4.49
+
+
+def test_xla_baseline_computes_our_network():
+    params = NET.init(jax.random.key(0), SHAPE, dtype=jnp.float64)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, *SHAPE)))
+    np.testing.assert_allclose(bench.xla_apply(NET, params, x), NET.apply(params, x), rtol=1e-12, atol=1e-14)
+
+
+def test_flax_mirror_has_our_shapes():
+    if importlib.util.find_spec("flax") is None:
+        pytest.skip("flax is the optional 'bench' extra")
+    model = bench.flax_model(NET)
+    x = jnp.zeros((2, *SHAPE), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    assert model.apply(variables, x).shape == (2, 3)
+    assert sum(a.size for a in jax.tree_util.tree_leaves(variables)) == NET.num_params(SHAPE)
+
+
+def test_torch_mirror_runs_a_step():
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+    step = bench.torch_step(NET, SHAPE, 4, channels_last=True)
+    step()
+    assert "torch" in step.note
+
+
+def test_run_and_table():
+    result = bench.run("digits-cnn", (8, 8, 1), 8, steps=2, torch=False)
+    names = [m.name for m in result["measurements"]]
+    assert {"hand im2col", "hand flip", "hand fused", "autodiff", "xla autodiff"} <= set(names)
+    assert all(m.median_ms > 0 and m.min_ms <= m.median_ms <= m.max_ms for m in result["measurements"])
+    assert all(m.compile_s > 0 and m.temp_mb is not None for m in result["measurements"] if m.name != "flax")
+    table = bench.table(result, ceiling=100.0)
+    assert "| xla autodiff |" in table and "| 1.00x |" in table
+
+
+def test_block_memory_rows():
+    rows = dict(bench.block_memory(batch=4, shape=(6, 6, 3), features=4))
+    assert set(rows) == {"fused, flip", "fused, im2col", "fused, im2col, phi stored", "xla autodiff chain"}
+    assert all(v > 0 for v in rows.values())
+
+
+def test_bench_command(capsys):
+    assert cli.main(["bench", "--preset", "digits-cnn", "--batch-size", "8", "--steps", "1", "--no-torch"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP per step (counted by hand)" in out and "| hand im2col |" in out
+
+
+def test_pool_times_rows():
+    [(shape, *times)] = bench.pool_times(batch=2, shapes=((4, 6, 3),))
+    assert shape == (4, 6, 3) and len(times) == 3 and all(t > 0 for t in times)
