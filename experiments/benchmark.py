@@ -33,6 +33,12 @@ def cases(quick: bool) -> list[tuple[str, int, str]]:
     return runs
 
 
+def shape_of(preset: str) -> tuple[int, int, int]:
+    if preset == "digits-cnn":
+        return (8, 8, 1)
+    return INPUT_SHAPES["cifar10" if "cifar" in preset or "vgg" in preset else "mnist"]
+
+
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -44,13 +50,13 @@ def main(argv=None) -> None:
                 if d == "float32" or jax.default_backend() != "cpu"}
     sections = []
     for preset, batch, dtype in cases(args.quick):
-        shape = (8, 8, 1) if preset == "digits-cnn" else INPUT_SHAPES["cifar10" if "cifar" in preset or
-                                                                        "vgg" in preset else "mnist"]
-        result = bench.run(preset, shape, batch, steps=steps, dtype=jnp.dtype(dtype),
+        result = bench.run(preset, shape_of(preset), batch, steps=steps, dtype=jnp.dtype(dtype),
                            progress=lambda line: print(line, flush=True))
         sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP per step "
                         f"(counted by hand); median of {steps} steps per variant, timed round-robin.\n\n"
                         f"{bench.table(result, ceilings[dtype])}\n")
+    first = cases(args.quick)[0]
+    profiled = bench.profile_table(first[0], shape_of(first[0]), first[1])
     pool_batch = 8 if args.quick else 128
     pools = bench.pool_times(batch=pool_batch)
     pool_rows = "\n".join(f"| {'x'.join(map(str, shape))} | {xla:.2f} | {hand:.2f} | {auto:.2f} | {xla / hand:.1f}x |"
@@ -63,11 +69,21 @@ def main(argv=None) -> None:
 Matmul ceiling (an n x n product, float32): {ceilings['float32']:.0f} GFLOP/s.
 
 {chr(10).join(sections)}
+### Where the step's time goes
+
+{first[0]}, batch {first[1]}: XLA's op times per step from `jax.profiler` (5 steps), grouped by the JAX operation
+each op comes from (`forward`/`backward` and the primitive; `xla ...`: ops XLA added that carry no JAX origin, here
+the argmax decomposition of `reduce_window` max's gradient). Ops that run concurrently on the two cores overlap,
+so "all ops" exceeds the step time. `jaxcnn bench --profile` prints the same.
+
+{profiled}
+
 ### Max pooling alone
 
 The gradient of 2x2 max pooling (forward and backward, jitted, median of 20) at simplenn-mnist's three pooling
-inputs, batch {pool_batch}, in ms: XLA's `reduce_window` differentiated by JAX (its `select_and_scatter`),
-`max_pool2d`'s hand rule (Delta^T P_pool over tiles), and JAX differentiating `max_pool2d`'s forward.
+inputs, batch {pool_batch}, in ms: XLA's `reduce_window` differentiated by JAX (`select_and_scatter`, which XLA's CPU
+backend decomposes into an argmax over iota arrays), `max_pool2d`'s hand rule (Delta^T P_pool over tiles), and JAX
+differentiating `max_pool2d`'s forward.
 
 | input | xla autodiff | hand | autodiff of ours | xla / hand |
 |---|---|---|---|---|

@@ -9,13 +9,12 @@ jitted, and sets it against the notes' operation count (Lin, "Computational Comp
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments._common import machine, parser, save_figure, table, write
+from jaxcnn.bench import matmul_ceiling, median_seconds
 from jaxcnn.ops import conv, pool
 from jaxcnn.ops._windows import Window, crop, unpatches
 from jaxcnn.ops.activation import relu_forward
@@ -30,19 +29,7 @@ LAYERS = [
 
 def bench(fn, *args, repeats: int = 15) -> float:
     """Median seconds of a jitted call (compilation and one warm-up excluded)."""
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def matmul_ceiling(n: int = 2048) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    return 2 * n**3 / bench(lambda a: a @ a, a) / 1e9
+    return median_seconds(jax.jit(fn), *args, repeats=repeats)
 
 
 def stages(batch, shape, h, d_next, padding, repeats):

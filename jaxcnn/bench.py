@@ -66,7 +66,7 @@ def count_flops(net: nw.Sequential, input_shape, batch: int) -> int:
     return total
 
 
-def _median_s(f: Callable, *args, repeats: int = 10) -> float:
+def median_seconds(f: Callable, *args, repeats: int = 10) -> float:
     """Median seconds of ``f(*args)`` after one warm-up call (which compiles a jitted ``f``)."""
     jax.block_until_ready(f(*args))
     times = []
@@ -79,7 +79,7 @@ def _median_s(f: Callable, *args, repeats: int = 10) -> float:
 
 def matmul_ceiling(n: int = 2048, dtype=jnp.float32) -> float:
     """GFLOP/s of an n x n matrix product on the default device: the roof for the conv products."""
-    return 2 * n**3 / _median_s(jax.jit(lambda a: a @ a), jnp.ones((n, n), dtype)) / 1e9
+    return 2 * n**3 / median_seconds(jax.jit(lambda a: a @ a), jnp.ones((n, n), dtype)) / 1e9
 
 
 def pool_times(batch: int = 128, shapes=((28, 28, 32), (14, 14, 64), (7, 7, 64))) -> list[tuple]:
@@ -96,7 +96,7 @@ def pool_times(batch: int = 128, shapes=((28, 28, 32), (14, 14, 64), (7, 7, 64))
     rows = []
     for shape in shapes:
         x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *shape)), jnp.float32)
-        rows.append((shape, *(1e3 * _median_s(jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2))), x, repeats=20)
+        rows.append((shape, *(1e3 * median_seconds(jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2))), x, repeats=20)
                               for f in variants.values())))
     return rows
 
@@ -180,6 +180,89 @@ class JaxStep:
         params, opt_state, value = self.compiled(*self.state, *self.batch)
         value.block_until_ready()
         self.state = (params, opt_state)
+
+
+def profile(step: JaxStep, steps: int = 5) -> list[tuple[str, float, int]]:
+    """Where a compiled step's time goes: XLA's per-op times from ``jax.profiler``, grouped by the JAX operation
+    each op comes from (its HLO metadata: "forward" or "backward", and the primitive, e.g. dot_general for the
+    products, stack for phi(pad(Z)), pad for col2im, select_n for masks and routing). Returns (group, ms per
+    step, number of ops), largest first. Ops that XLA runs concurrently overlap, so the sum can exceed the step."""
+    import gzip
+    import json
+    import tempfile
+    from pathlib import Path
+
+    origin = _op_origins(step.compiled.as_text())
+    step()
+    with tempfile.TemporaryDirectory() as log_dir:
+        jax.profiler.start_trace(log_dir)
+        for _ in range(steps):
+            step()
+        jax.profiler.stop_trace()
+        traces = sorted(Path(log_dir).rglob("*.trace.json.gz"))
+        if not traces:
+            raise RuntimeError(f"jax.profiler wrote no trace under {log_dir}")
+        with gzip.open(traces[-1]) as f:
+            events = json.load(f)["traceEvents"]
+    groups: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in origin:
+            groups.setdefault(origin[event["name"]], []).append(event["dur"] / 1e3 / steps)
+    rows = [(group, sum(times), round(len(times) / steps)) for group, times in groups.items()]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def profile_table(preset: str, input_shape, batch: int, names=("hand im2col", "xla autodiff"), top: int = 10,
+                  seed: int = 0) -> str:
+    """A Markdown table of ``profile`` for the named variants of ``preset`` side by side (float32): the ``top``
+    groups of each, with their ms per step and share of the summed op time."""
+    net = nw.preset(preset)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(batch, *input_shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, net.shapes(input_shape)[-1][-1], batch), jnp.int32)
+    params = net.init(jax.random.key(seed), input_shape)
+    variants = jax_variants(net)
+    columns = []
+    for name in names:
+        rows = profile(JaxStep(variants[name], params, x, y))
+        total = sum(ms for _, ms, _ in rows)
+        columns.append([f"{group} | {ms:.1f} ({ms / total:.0%})" for group, ms, _ in rows[:top]]
+                       + [f"all ops | {total:.1f}"])
+    depth = max(map(len, columns))
+    lines = ["| " + " | ".join(f"{name}: op | ms" for name in names) + " |", "|---|---" * len(names) + "|"]
+    for i in range(depth):
+        lines.append("| " + " | ".join(c[i] if i < len(c) else " | " for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _op_origins(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> "forward|backward primitive" from its op_name metadata, or from that of the first
+    instruction inside the computation it calls (XLA's fusions and wrappers often carry none themselves)."""
+    import re
+
+    def label(op_name: str) -> str:
+        return f"{'backward' if 'transpose(' in op_name else 'forward'} {op_name.rsplit('/', 1)[-1]}"
+
+    def unlabelled(name: str) -> str:  # an op XLA added (a layout copy, an iota): its name without the number
+        return "xla " + re.sub(r"[.]\d+$", "", name)
+
+    inner, calls, origin = {}, {}, {}
+    computation = None
+    for line in hlo.splitlines():
+        if header := re.match(r"(?:ENTRY )?%([\w.-]+) \(", line):
+            computation = header.group(1)
+        elif instruction := re.match(r"\s*(?:ROOT )?%([\w.-]+) = ", line):
+            name, op_name = instruction.group(1), re.search(r'op_name="([^"]*)"', line)
+            if op_name:
+                origin[name] = label(op_name.group(1))
+                inner.setdefault(computation, origin[name])
+            elif called := re.search(r"calls=%([\w.-]+)", line):
+                calls[name] = called.group(1)
+            else:
+                origin[name] = unlabelled(name)
+    for name, computation in calls.items():
+        origin[name] = inner.get(computation) or unlabelled(name)
+    return origin
 
 
 def _memory(compiled) -> dict:

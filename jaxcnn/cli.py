@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--steps", type=int, default=20)
     bn.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     bn.add_argument("--no-torch", dest="torch", action="store_false", help="skip PyTorch even if importable")
+    bn.add_argument("--profile", action="store_true",
+                    help="also show where the step's time goes, op by op (jax.profiler), hand im2col vs xla autodiff")
 
     commands.add_parser("presets", help="list the bundled networks")
 
@@ -231,6 +233,9 @@ def cmd_bench(args) -> int:
                        torch=args.torch, progress=lambda line: print(f"  {line}", flush=True))
     print(f"\n{result['flops'] / 1e9:.2f} GFLOP per step (counted by hand); matmul ceiling {ceiling:.0f} GFLOP/s\n")
     print(bench.table(result, ceiling))
+    if args.profile:
+        print("\nXLA's op times per step, grouped by the JAX operation they come from (float32):\n")
+        print(bench.profile_table(args.preset, shape, args.batch_size))
     return 0
 
 

@@ -75,3 +75,14 @@ def test_bench_command(capsys):
 def test_pool_times_rows():
     [(shape, *times)] = bench.pool_times(batch=2, shapes=((4, 6, 3),))
     assert shape == (4, 6, 3) and len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_profile_groups_ops_by_their_jax_origin():
+    params = NET.init(jax.random.key(0), SHAPE)
+    x = jnp.ones((4, *SHAPE), jnp.float32)
+    y = jnp.zeros(4, jnp.int32)
+    step = bench.JaxStep(lambda p, x, y: jnp.mean(NET.apply(p, x) ** 2), params, x, y)
+    rows = bench.profile(step, steps=2)
+    groups = {group for group, _, _ in rows}
+    assert {"forward dot_general", "backward dot_general"} <= groups, groups
+    assert all(ms >= 0 and n >= 1 for _, ms, n in rows) and sum(ms for _, ms, _ in rows) > 0

@@ -63,6 +63,8 @@ CONV_CORRUPTIONS = {
     "padding": lambda d, c: {"padding": d.draw(st.sampled_from(BAD_PADDINGS))},
     "grad": lambda d, c: {"grad": "exact"},
     "rule": lambda d, c: {"rule": "fft"},
+    "store_phi": lambda d, c: {"store_phi": d.draw(st.sampled_from(["yes", 1, 0.0]))},
+    "store_phi with flip": lambda d, c: {"rule": "flip", "store_phi": True},
 }
 
 
@@ -78,8 +80,10 @@ def test_conv2d_random_arguments(corruption, data):
         x=S((n, h, w_, c), dtype), w=S((data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), c, c_out), dtype),
         b=S((c_out,), dtype) if data.draw(st.booleans()) else None, stride=data.draw(pair),
         dilation=data.draw(st.one_of(st.just(1), pair)), padding=data.draw(padding), grad="hand",
-        rule=data.draw(st.sampled_from(["im2col", "flip"]))), CONV_CORRUPTIONS, corruption)
-    kw = {k: case[k] for k in ("stride", "dilation", "padding")}
+        rule=(rule := data.draw(st.sampled_from(["im2col", "flip"]))),
+        store_phi=data.draw(st.sampled_from([None, False, True] if rule == "im2col" else [None, False]))),
+        CONV_CORRUPTIONS, corruption)
+    kw = {k: case[k] for k in ("stride", "dilation", "padding", "store_phi")}
     f = lambda x, w, b: jc.conv2d(x, w, b, **kw, grad=case["grad"], rule=case["rule"])
     if outcome("conv2d", f, case["x"], case["w"], case["b"]) == "valid":
         structs = [s for s in (case["x"], case["w"], case["b"]) if s is not None]
