@@ -12,15 +12,24 @@ Lin's space-for-time switch, ``hand flip``, ``hand fused`` (Lin's conv-ReLU-pool
 through our forward), ``xla autodiff`` (``lax.conv_general_dilated`` + ``lax.reduce_window``), ``flax`` (linen,
 if installed: ``pip install jaxcnn[bench]``), ``pytorch`` and ``pytorch channels_last`` (if torch is
 importable).
+
+Also: ``profile`` (a step's per-op time from ``jax.profiler``, grouped by the JAX operation each op comes from),
+``pool_times`` (max pooling's gradient alone, hand vs XLA) and ``block_memory`` (the fused block's compiled
+temporary memory against XLA's autodiff chain).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import os
+import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -187,11 +196,6 @@ def profile(step: JaxStep, steps: int = 5) -> list[tuple[str, float, int]]:
     each op comes from (its HLO metadata: "forward" or "backward", and the primitive, e.g. dot_general for the
     products, stack for phi(pad(Z)), pad for col2im, select_n for masks and routing). Returns (group, ms per
     step, number of ops), largest first. Ops that XLA runs concurrently overlap, so the sum can exceed the step."""
-    import gzip
-    import json
-    import tempfile
-    from pathlib import Path
-
     origin = _op_origins(step.compiled.as_text())
     step()
     with tempfile.TemporaryDirectory() as log_dir:
@@ -238,8 +242,6 @@ def profile_table(preset: str, input_shape, batch: int, names=("hand im2col", "x
 def _op_origins(hlo: str) -> dict[str, str]:
     """HLO instruction name -> "forward|backward primitive" from its op_name metadata, or from that of the first
     instruction inside the computation it calls (XLA's fusions and wrappers often carry none themselves)."""
-    import re
-
     def label(op_name: str) -> str:
         return f"{'backward' if 'transpose(' in op_name else 'forward'} {op_name.rsplit('/', 1)[-1]}"
 
