@@ -210,8 +210,10 @@ def profile(step: JaxStep, steps: int = 5) -> list[tuple[str, float, int]]:
             events = json.load(f)["traceEvents"]
     groups: dict[str, list[float]] = {}
     for event in events:
-        if event.get("ph") == "X" and event.get("name") in origin:
-            groups.setdefault(origin[event["name"]], []).append(event["dur"] / 1e3 / steps)
+        # CPU events carry the HLO instruction's name; GPU kernel events name it in their arguments.
+        name = event.get("name") if event.get("name") in origin else event.get("args", {}).get("hlo_op")
+        if event.get("ph") == "X" and name in origin:
+            groups.setdefault(origin[name], []).append(event["dur"] / 1e3 / steps)
     rows = [(group, sum(times), round(len(times) / steps)) for group, times in groups.items()]
     return sorted(rows, key=lambda row: -row[1])
 
@@ -230,6 +232,8 @@ def profile_table(preset: str, input_shape, batch: int, names=("hand im2col", "x
     for name in names:
         rows = profile(JaxStep(variants[name], params, x, y))
         total = sum(ms for _, ms, _ in rows)
+        if not total:
+            return f"(the profiler recorded no XLA op events on {jax.default_backend()})"
         columns.append([f"{group} | {ms:.1f} ({ms / total:.0%})" for group, ms, _ in rows[:top]]
                        + [f"all ops | {total:.1f}"])
     depth = max(map(len, columns))
