@@ -48,11 +48,12 @@ def conv_setup(case, n=2, a=6, b=5, d=2, d_out=3):
     return x, w, bias, dict(case)
 
 
+@pytest.mark.parametrize("store_phi", [True, False], ids=["phi @ w2", "lax conv"])
 @pytest.mark.parametrize("case", CASES)
-def test_s_equals_w_phi_pad_z_plus_b_and_eq_4_5(case):
+def test_s_equals_w_phi_pad_z_plus_b_and_eq_4_5(case, store_phi):
     x, w, bias, kw = conv_setup(case)
     conv_kw = {k: kw[k] for k in ("stride", "padding", "dilation")}
-    s = np.asarray(jc.conv2d(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias), **conv_kw))
+    s = np.asarray(jc.conv2d(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias), **conv_kw, store_phi=store_phi))
     W = M.weight_matrix(w)
     for i in range(len(x)):
         phi = M.phi_pad(M.image_to_lin(x[i]), *x.shape[1:3], **kw)
