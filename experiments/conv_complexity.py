@@ -16,7 +16,7 @@ import numpy as np
 from experiments._common import machine, parser, save_figure, table, write
 from jaxcnn.bench import matmul_ceiling, median_seconds
 from jaxcnn.ops import conv, pool
-from jaxcnn.ops._windows import Window, crop, unpatches
+from jaxcnn.ops._windows import Window, unpatches
 from jaxcnn.ops.activation import relu_forward
 
 # (name, batch I, input a x b x d, kernel h, output channels d_next, padding): layers of simplenn-mnist and -cifar.
@@ -51,7 +51,6 @@ def stages(batch, shape, h, d_next, padding, repeats):
     delta_next = jnp.asarray(rng.normal(size=z_next.shape), jnp.float32)
     delta = jnp.asarray(rng.normal(size=s.shape), jnp.float32)
     dphi = delta @ w2.T
-    padded = window.padded_hw((a, b))
     conv_out, matmul = batch * ac * bc * d_next, 2 * batch * d_next * patch * ac * bc
     return phi.nbytes, [
         ("phi(pad(Z))", "copy", batch * patch * ac * bc, bench(lambda z: conv.phi(window, z), z, repeats=repeats)),
@@ -66,7 +65,7 @@ def stages(batch, shape, h, d_next, padding, repeats):
          bench(lambda p, dl: p.reshape(-1, patch).T @ dl.reshape(-1, d_next), phi, delta, repeats=repeats)),
         ("W^T Delta", "matmul", matmul, bench(lambda dl, w: dl @ w.T, delta, w2, repeats=repeats)),
         ("vec(.) P_phi P_pad (col2im)", "add", batch * patch * ac * bc,
-         bench(lambda dp: crop(unpatches(dp.reshape(*dp.shape[:3], h, h, d), window, padded), window, (a, b)), dphi,
+         bench(lambda dp: unpatches(dp.reshape(*dp.shape[:3], h, h, d), window, (a, b)), dphi,
                repeats=repeats)),
     ]
 

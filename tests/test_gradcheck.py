@@ -37,8 +37,8 @@ def test_planted_bug_is_a_genuine_mismatch(monkeypatch):
     real = conv._im2col_backward
 
     def wrong(*args):  # dW off by 0.1%: the kind of slip a hand derivation makes
-        dx, dw = real(*args)
-        return dx, dw * 1.001
+        dx, dw, db = real(*args)
+        return dx, dw * 1.001, db
 
     monkeypatch.setattr(conv, "_im2col_backward", wrong)
     report = preset_check("digits-cnn", activations=False)
@@ -50,7 +50,7 @@ def test_planted_bug_is_a_genuine_mismatch(monkeypatch):
 def test_planted_routing_bug_in_max_pool_is_caught(monkeypatch):
     def to_last(win, index, delta, in_hw):  # route every Delta to the last window entry instead of the maximum
         cols = jnp.zeros((*delta.shape[:3], *win.size, delta.shape[3]), delta.dtype).at[:, :, :, -1, -1].set(delta)
-        return pool.crop(pool.unpatches(cols, win, win.padded_hw(in_hw)), win, in_hw)
+        return pool.unpatches(cols, win, in_hw)
 
     x = jnp.asarray(np.random.default_rng(0).permutation(64).reshape(1, 8, 8, 1), jnp.float64)
     assert gradcheck.check_op(jc.max_pool2d, (x,), ("x",), window=2).mismatches == []

@@ -16,8 +16,8 @@ checks S against W phi(pad(Z)) + b 1^T built from the notes' matrices.
 Backward, ``rule="im2col"`` (Lin, with Delta = dxi/dS)::
 
     dW = Delta phi(pad(Z))^T                 eq. (12)      ours: phi^T @ Delta            [kh*kw*C_in, C_out]
-    db = Delta 1                             eq. (14)      ours: Delta summed over N, Ho, Wo
-    dZ = vec(W^T Delta)^T P_phi P_pad        eq. (18)      ours: crop(unpatches(Delta @ w2^T))
+    db = Delta 1                             eq. (14)      ours: ones @ Delta, a product like eq. (12)
+    dZ = vec(W^T Delta)^T P_phi P_pad        eq. (18)      ours: unpatches(Delta @ w2^T)
 
 Storing phi(pad(Z)) trades space, kh*kw times Z's size, for its second expansion.
 
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn.ops import _args
-from jaxcnn.ops._windows import Window, crop, pad, patches, unpatches
+from jaxcnn.ops._windows import Window, pad, patches, unpatches
 
 
 def conv2d(
@@ -161,22 +161,21 @@ def forward_with_phi(window: Window, x: jax.Array, w: jax.Array, b: jax.Array | 
 
 def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, stored_phi=None):
     """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
-    db = delta.sum(axis=(0, 1, 2))  # eq. (14): Delta 1
     if rule == "im2col":
-        return (*_im2col_backward(window, x, w, delta, stored_phi), db)
-    return (*_flip_backward(window, x, w, delta), db)
+        return _im2col_backward(window, x, w, delta, stored_phi)
+    return (*_flip_backward(window, x, w, delta), delta.sum(axis=(0, 1, 2)))  # db: eq. (14), Delta 1
 
 
 def _im2col_backward(window: Window, x, w, delta, stored_phi=None):
-    c_out = w.shape[3]
-    rows = delta.reshape(-1, c_out)
+    rows = delta.reshape(-1, delta.shape[3])  # one row per output position
     p = phi(window, x) if stored_phi is None else stored_phi
     dw = jnp.matmul(p.reshape(rows.shape[0], -1).T, rows).reshape(w.shape)  # eq. (12)
-    dphi = jnp.matmul(delta, w.reshape(-1, c_out).T)  # W^T Delta, eq. (18)
-    in_hw = x.shape[1:3]
-    cols = dphi.reshape(*dphi.shape[:3], *w.shape[:3])  # [N, Ho, Wo, kh, kw, C_in]
-    dx = crop(unpatches(cols, window, window.padded_hw(in_hw)), window, in_hw)  # P_phi^T then P_pad^T
-    return dx, dw
+    # eq. (14) as the product it is: every reader of Delta is then a product, and XLA computes Delta once (a sum
+    # over rows would make it fuse Delta's producer, col2im and routing, into two readers and compute it twice).
+    db = jnp.ones(rows.shape[0], rows.dtype) @ rows
+    dphi = jnp.matmul(rows, w.reshape(-1, w.shape[3]).T)  # W^T Delta, eq. (18)
+    cols = dphi.reshape(*delta.shape[:3], *w.shape[:3])  # [N, Ho, Wo, kh, kw, C_in]
+    return unpatches(cols, window, x.shape[1:3]), dw, db  # P_pad^T P_phi^T
 
 
 def _flip_backward(window: Window, x, w, delta):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn.ops import _args
-from jaxcnn.ops._windows import Window, crop, pad, patches, unpatches
+from jaxcnn.ops._windows import Window, pad, patches, unpatches
 from jaxcnn.ops.conv import fits
 
 
@@ -150,7 +150,7 @@ def route(win: Window, index: jax.Array, delta: jax.Array, in_hw) -> jax.Array:
         return _untile(jnp.where(_offsets(win, index.dtype) == _spread(index), _spread(delta), zero), in_hw)
     offsets = _offsets(win, index.dtype).reshape(1, 1, 1, *win.size, 1)
     cols = jnp.where(offsets == index[:, :, :, None, None, :], delta[:, :, :, None, None, :], zero)
-    return crop(unpatches(cols, win, win.padded_hw(in_hw)), win, in_hw)
+    return unpatches(cols, win, in_hw)
 
 
 def avg_forward(win: Window, x: jax.Array) -> jax.Array:
@@ -193,7 +193,7 @@ def _avg_hand_bwd(win, in_hw, _, delta):
     if _tiles(win):
         return (_untile(jnp.broadcast_to(_spread(share), (n, ho, kh, wo, kw, c)), in_hw),)
     cols = jnp.broadcast_to(share[:, :, :, None, None, :], (n, ho, wo, kh, kw, c))
-    return (crop(unpatches(cols, win, win.padded_hw(in_hw)), win, in_hw),)
+    return (unpatches(cols, win, in_hw),)
 
 
 _avg_hand.defvjp(_avg_hand_fwd, _avg_hand_bwd)
