@@ -194,7 +194,7 @@ class JaxStep:
 def profile(step: JaxStep, steps: int = 5) -> list[tuple[str, float, int]]:
     """Where a compiled step's time goes: XLA's per-op times from ``jax.profiler``, grouped by the JAX operation
     each op comes from (its HLO metadata: "forward" or "backward", and the primitive, e.g. dot_general for the
-    products, stack for phi(pad(Z)), pad for col2im, select_n for masks and routing). Returns (group, ms per
+    products, slice and concatenate for phi(pad(Z)), select_n for masks and routing). Returns (group, ms per
     step, number of ops), largest first. Ops that XLA runs concurrently overlap, so the sum can exceed the step."""
     origin = _op_origins(step.compiled.as_text())
     step()
