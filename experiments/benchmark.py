@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from experiments._common import machine, parser, write
 from jaxcnn import bench
 from jaxcnn._io import atomic_write
-from jaxcnn.cli import INPUT_SHAPES
+from jaxcnn.cli import input_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
@@ -33,12 +33,6 @@ def cases(quick: bool) -> list[tuple[str, int, str]]:
     return runs
 
 
-def shape_of(preset: str) -> tuple[int, int, int]:
-    if preset == "digits-cnn":
-        return (8, 8, 1)
-    return INPUT_SHAPES["cifar10" if "cifar" in preset or "vgg" in preset else "mnist"]
-
-
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -50,13 +44,13 @@ def main(argv=None) -> None:
                 if d == "float32" or jax.default_backend() != "cpu"}
     sections = []
     for preset, batch, dtype in cases(args.quick):
-        result = bench.run(preset, shape_of(preset), batch, steps=steps, dtype=jnp.dtype(dtype),
+        result = bench.run(preset, input_shape(preset), batch, steps=steps, dtype=jnp.dtype(dtype),
                            progress=lambda line: print(line, flush=True))
         sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP per step "
                         f"(counted by hand); median of {steps} steps per variant, timed round-robin.\n\n"
                         f"{bench.table(result, ceilings[dtype])}\n")
     first = cases(args.quick)[0]
-    profiled = bench.profile_table(first[0], shape_of(first[0]), first[1])
+    profiled = bench.profile_table(first[0], input_shape(first[0]), first[1])
     pool_batch = 8 if args.quick else 128
     pools = bench.pool_times(batch=pool_batch)
     pool_rows = "\n".join(f"| {'x'.join(map(str, shape))} | {xla:.2f} | {hand:.2f} | {auto:.2f} | {xla / hand:.1f}x |"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from experiments._common import machine, parser, table, write
 from jaxcnn import gradcheck, network
-from jaxcnn.cli import INPUT_SHAPES
+from jaxcnn.cli import input_shape
 
 DTYPES = ("float64", "float32", "bfloat16")
 
@@ -24,8 +24,7 @@ DTYPES = ("float64", "float32", "bfloat16")
 def run(presets: list[str], dtypes=DTYPES, batch: int = 2) -> list[list]:
     rows = []
     for name in presets:
-        config = network.preset_config(name)
-        shape = INPUT_SHAPES[config["train"]["dataset"]]
+        shape = input_shape(name)
         net = network.preset(name)
         params = net.init(jax.random.key(0), shape, dtype=jnp.float64)
         x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float64)

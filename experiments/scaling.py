@@ -23,13 +23,13 @@ import numpy as np
 import jaxcnn as jc
 from experiments._common import machine, parser, table, write
 from jaxcnn import parallel, train
-from jaxcnn.cli import INPUT_SHAPES
+from jaxcnn.cli import input_shape
 
 
 def step_times(preset: str, batch: int, devices: int, steps: int) -> tuple[float, float]:
     """(compile seconds, median step seconds) of the training step on ``devices`` devices."""
     net = jc.preset(preset)
-    shape = INPUT_SHAPES[jc.network.preset_config(preset)["train"]["dataset"]]
+    shape = input_shape(preset)
     cfg = train.TrainConfig(batch_size=batch)
     mesh = parallel.make_mesh(devices)
     tx = train.make_optimizer(cfg, 100)

@@ -223,10 +223,7 @@ def profile_table(preset: str, input_shape, batch: int, names=("hand im2col", "x
     """A Markdown table of ``profile`` for the named variants of ``preset`` side by side (float32): the ``top``
     groups of each, with their ms per step and share of the summed op time."""
     net = nw.preset(preset)
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(batch, *input_shape)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, net.shapes(input_shape)[-1][-1], batch), jnp.int32)
-    params = net.init(jax.random.key(seed), input_shape)
+    params, x, y = _inputs(net, input_shape, batch, jnp.float32, seed)
     variants = jax_variants(net)
     columns = []
     for name in names:
@@ -241,6 +238,14 @@ def profile_table(preset: str, input_shape, batch: int, names=("hand im2col", "x
     for i in range(depth):
         lines.append("| " + " | ".join(c[i] if i < len(c) else " | " for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _inputs(net: nw.Sequential, input_shape, batch: int, dtype, seed: int):
+    """(params, x, y) for a step of ``net``: initial parameters, a random batch and random labels."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(batch, *input_shape)), dtype)
+    y = jnp.asarray(rng.integers(0, net.shapes(input_shape)[-1][-1], batch), jnp.int32)
+    return net.init(jax.random.key(seed), input_shape, dtype=dtype), x, y
 
 
 def _op_origins(hlo: str) -> dict[str, str]:
@@ -374,10 +379,7 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
     the machine's drifting speed affects them alike; returns {"measurements", "flops", ...}.
     """
     net = nw.preset(preset)
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(batch, *input_shape)), dtype)
-    y = jnp.asarray(rng.integers(0, net.shapes(input_shape)[-1][-1], batch), jnp.int32)
-    params = net.init(jax.random.key(seed), input_shape, dtype=dtype)
+    params, x, y = _inputs(net, input_shape, batch, dtype, seed)
     runners: dict[str, Callable] = {}
     for name, loss in (variants or jax_variants(net)).items():
         runners[name] = JaxStep(loss, params, x, y)

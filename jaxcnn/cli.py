@@ -18,6 +18,16 @@ INPUT_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion-mnist": (28,
 DEFAULTS = train.TrainConfig()
 
 
+def dataset_of(config: dict) -> str:
+    """The dataset a network config trains on (its [train] table), or the default."""
+    return config.get("train", {}).get("dataset", DEFAULTS.dataset)
+
+
+def input_shape(preset: str) -> tuple[int, int, int]:
+    """(H, W, C) of the images a preset is made for."""
+    return INPUT_SHAPES[dataset_of(network.preset_config(preset))]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcnn",
@@ -199,7 +209,7 @@ def cmd_gradcheck(args) -> int:
         net = network.Sequential.from_config(config, source=args.config)
     else:
         config, net = network.preset_config(args.preset), network.preset(args.preset)
-    shape = INPUT_SHAPES[config.get("train", {}).get("dataset", DEFAULTS.dataset)]
+    shape = INPUT_SHAPES[dataset_of(config)]
     key_params, key_x, key_y = jax.random.split(jax.random.key(args.seed), 3)
     params = net.init(key_params, shape, dtype=jnp.float64)
     x = (jax.random.normal(key_x, (args.batch, *shape), jnp.float64) if args.input == "random"
@@ -224,8 +234,7 @@ def cmd_bench(args) -> int:
 
     if args.batch_size < 1 or args.steps < 1:
         raise ValueError("--batch-size and --steps must be >= 1")
-    dataset = network.preset_config(args.preset).get("train", {}).get("dataset", DEFAULTS.dataset)
-    shape = INPUT_SHAPES[dataset]
+    shape = input_shape(args.preset)
     print(f"jaxcnn bench: {args.preset} ({'x'.join(map(str, shape))}), batch {args.batch_size}, {args.dtype}, "
           f"{args.steps} steps per variant, on {make_mesh(1).devices.flat[0].device_kind}")
     ceiling = bench.matmul_ceiling(dtype=jnp.dtype(args.dtype))
@@ -241,7 +250,7 @@ def cmd_bench(args) -> int:
 
 def cmd_presets(args) -> int:
     for name, description in network.presets().items():
-        dataset = network.preset_config(name).get("train", {}).get("dataset", DEFAULTS.dataset)
+        dataset = dataset_of(network.preset_config(name))
         count = network.preset(name).num_params(INPUT_SHAPES[dataset])
         print(f"{name:16s} {count:>9,} params on {dataset:13s} {description}")
     return 0

@@ -33,8 +33,7 @@ from jax import lax
 from jaxcnn import network as nw
 from jaxcnn import ops
 from jaxcnn.objective import LOSSES
-from jaxcnn.ops import _args as pool_args
-from jaxcnn.ops import conv, pool
+from jaxcnn.ops import block, conv, pool
 from jaxcnn.ops._windows import Window
 
 # max|a - b| / max|b| above which hand and autodiff are said to differ, and the finite-difference error above
@@ -187,8 +186,7 @@ def _block_geometry(layer: nw.ConvReLUPool) -> dict:
 def _block_pre_pool(x, w, b, stride=1, padding=0, dilation=1, pool=2):
     """S of a conv_relu_pool block and its pooling window."""
     window = conv.geometry("conv_relu_pool", x.shape[1:3], w.shape[:2], stride, padding, dilation)
-    size = pool_args.positive_pair("conv_relu_pool", "pool", pool)
-    return conv.forward(window, x, w, b), Window(size, size, (1, 1), ((0, 0), (0, 0)))
+    return conv.forward(window, False, x, w, b)[0], block.pool_geometry("conv_relu_pool", pool)
 
 
 def _block_kinks(x, w, b=None, **geometry) -> dict[str, int]:

@@ -27,6 +27,7 @@ import numpy as np
 from jaxcnn import ops
 from jaxcnn.ops import _args
 from jaxcnn.ops._windows import Window
+from jaxcnn.ops.block import pool_geometry as block_pool_geometry
 from jaxcnn.ops.conv import geometry as conv_geometry
 from jaxcnn.ops.conv import resolve_store_phi
 from jaxcnn.ops.pool import geometry as pool_geometry
@@ -127,8 +128,7 @@ class ConvReLUPool(Conv):
 
     def pool_geometry(self) -> Window:
         """The max-pooling window over the conv output: ``pool`` x ``pool``, stride ``pool``, no padding."""
-        size = _args.positive_pair(self.type, "pool", self.pool)
-        return Window(size, size, (1, 1), ((0, 0), (0, 0)))
+        return block_pool_geometry(self.type, self.pool)
 
     def apply(self, params, x, *, grad, rule):
         return ops.conv_relu_pool(x, params["w"], params.get("b"), stride=self.stride, padding=self.padding,

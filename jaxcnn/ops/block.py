@@ -54,8 +54,7 @@ def conv_relu_pool(
     """
     op = "conv_relu_pool"
     x, w, b, window = conv.check(op, x, w, b, stride, padding, dilation)
-    size = _args.positive_pair(op, "pool", pool)
-    pool_window = Window(size, size, (1, 1), ((0, 0), (0, 0)))
+    pool_window = pool_geometry(op, pool)
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
     _args.choice(op, "rule", rule, _args.CONV_RULES)
@@ -65,14 +64,16 @@ def conv_relu_pool(
     return _block_hand(rule, window, pool_window, store_phi, x, w, b)
 
 
-def _conv(window: Window, store_phi: bool, x, w, b):
-    """(S, phi(pad(Z)) or None): the conv forward pass, as conv2d computes it."""
-    return conv.forward_with_phi(window, x, w, b) if store_phi else (conv.forward(window, x, w, b), None)
+def pool_geometry(op: str, pool) -> Window:
+    """The block's max-pooling window: ``pool`` x ``pool`` with stride ``pool`` and no padding (Lin's
+    non-overlapping pooling)."""
+    size = _args.positive_pair(op, "pool", pool)
+    return Window(size, size, (1, 1), ((0, 0), (0, 0)))
 
 
 def forward(window: Window, pool_window: Window, store_phi: bool, x, w, b) -> jax.Array:
     """The one forward pass, shared by both gradient modes: conv, then ReLU, then max pooling."""
-    return max_forward(pool_window, relu_forward(_conv(window, store_phi, x, w, b)[0]))
+    return max_forward(pool_window, relu_forward(conv.forward(window, store_phi, x, w, b)[0]))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -81,7 +82,7 @@ def _block_hand(rule, window, pool_window, store_phi, x, w, b):
 
 
 def _block_hand_fwd(rule, window, pool_window, store_phi, x, w, b):
-    s, phi = _conv(window, store_phi, x, w, b)
+    s, phi = conv.forward(window, store_phi, x, w, b)
     z_next, index = max_with_index(pool_window, relu_forward(s))
     return z_next, (x, w, b, z_next, index, phi)
 

@@ -87,8 +87,8 @@ def conv2d(
     _args.choice("conv2d", "rule", rule, _args.CONV_RULES)
     store_phi = resolve_store_phi("conv2d", store_phi, rule)
     if grad == "autodiff":
-        return forward_with_phi(window, x, w, b)[0] if store_phi else forward(window, x, w, b)
-    return (_conv_hand_stored if store_phi else _conv_hand)(rule, window, x, w, b)
+        return forward(window, store_phi, x, w, b)[0]
+    return _conv_hand(rule, window, store_phi, x, w, b)
 
 
 def resolve_store_phi(op: str, store_phi: bool | None, rule: str) -> bool:
@@ -144,18 +144,17 @@ def phi(window: Window, x: jax.Array) -> jax.Array:
     return cols.reshape(*cols.shape[:3], -1)
 
 
-def forward(window: Window, x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-    """The forward pass of conv2d, shared by both gradient modes: S = W phi(pad(Z)) + b 1^T, by XLA's
-    convolution."""
-    s = lax.conv_general_dilated(x, w, window.stride, window.padding, rhs_dilation=window.dilation,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return s if b is None else s + b
-
-
-def forward_with_phi(window: Window, x: jax.Array, w: jax.Array, b: jax.Array | None):
-    """(S, phi(pad(Z))) with S computed as phi(pad(Z)) @ w2 (+ b): the forward pass when phi is stored."""
-    p = phi(window, x)
-    s = jnp.matmul(p, w.reshape(-1, w.shape[3]))
+def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.Array | None):
+    """The one forward pass of conv2d, shared by both gradient modes: (S, phi(pad(Z))) with S = W phi(pad(Z)) +
+    b 1^T computed literally when ``store_phi`` (phi(pad(Z)) is then kept for eq. 12), else (S, None) with S by
+    XLA's convolution."""
+    if store_phi:
+        p = phi(window, x)
+        s = jnp.matmul(p, w.reshape(-1, w.shape[3]))
+    else:
+        p = None
+        s = lax.conv_general_dilated(x, w, window.stride, window.padding, rhs_dilation=window.dilation,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return (s if b is None else s + b), p
 
 
@@ -198,38 +197,20 @@ def _flip_backward(window: Window, x, w, delta):
     return dx, dw
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _conv_hand(rule, window, x, w, b):
-    return forward(window, x, w, b)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _conv_hand(rule, window, store_phi, x, w, b):
+    return forward(window, store_phi, x, w, b)[0]
 
 
-def _conv_hand_fwd(rule, window, x, w, b):
-    return forward(window, x, w, b), (x, w, b)
-
-
-def _conv_hand_bwd(rule, window, res, delta):
-    x, w, b = res
-    dx, dw, db = backward(rule, window, x, w, delta)
-    return dx, dw, None if b is None else db
-
-
-_conv_hand.defvjp(_conv_hand_fwd, _conv_hand_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _conv_hand_stored(rule, window, x, w, b):
-    return forward_with_phi(window, x, w, b)[0]
-
-
-def _conv_hand_stored_fwd(rule, window, x, w, b):
-    s, p = forward_with_phi(window, x, w, b)
+def _conv_hand_fwd(rule, window, store_phi, x, w, b):
+    s, p = forward(window, store_phi, x, w, b)
     return s, (x, w, b, p)
 
 
-def _conv_hand_stored_bwd(rule, window, res, delta):
+def _conv_hand_bwd(rule, window, store_phi, res, delta):
     x, w, b, p = res
     dx, dw, db = backward(rule, window, x, w, delta, stored_phi=p)
     return dx, dw, None if b is None else db
 
 
-_conv_hand_stored.defvjp(_conv_hand_stored_fwd, _conv_hand_stored_bwd)
+_conv_hand.defvjp(_conv_hand_fwd, _conv_hand_bwd)
