@@ -1,6 +1,6 @@
 """The benchmark of BENCHMARKS.md: one training step, hand rules vs autodiff vs XLA vs Flax vs PyTorch.
 
-    python -m experiments.benchmark          # rewrites the marked section of BENCHMARKS.md and results/benchmark.md
+    python -m experiments.benchmark    # rewrites this backend's marked section of BENCHMARKS.md and its results file
 
 Runs ``jaxcnn.bench`` for simplenn-mnist and simplenn-cifar at batch 128 in float32 (and, on an accelerator,
 batch 512, bfloat16 and vgg-small), plus the compiled memory of one fused block against XLA's autodiff chain.
@@ -20,7 +20,17 @@ from jaxcnn._io import atomic_write
 from jaxcnn.cli import input_shape
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+
+
+def results_name() -> str:
+    """The results file under --out: one per backend, so that a GPU run leaves the CPU results in place."""
+    return "benchmark.md" if jax.default_backend() == "cpu" else f"benchmark-{jax.default_backend()}.md"
+
+
+def markers() -> tuple[str, str]:
+    """The marks around this backend's section of BENCHMARKS.md: CPU and each accelerator have their own."""
+    tag = "benchmark" if jax.default_backend() == "cpu" else f"benchmark-{jax.default_backend()}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 
 def cases(quick: bool) -> list[tuple[str, int, str]]:
@@ -40,8 +50,10 @@ def main(argv=None) -> None:
                    help="file whose marked section is rewritten (skipped with --quick)")
     args = p.parse_args(argv)
     steps = 2 if args.quick else args.steps
-    ceilings = {d: bench.matmul_ceiling(512 if args.quick else 2048, jnp.dtype(d)) for d in ("float32", "bfloat16")
+    ceilings = {d: bench.matmul_ceiling(512 if args.quick else None, jnp.dtype(d)) for d in ("float32", "bfloat16")
                 if d == "float32" or jax.default_backend() != "cpu"}
+    print(f"{machine()}\nmatmul ceiling: " + ", ".join(f"{d} {c:,.0f} GFLOP/s" for d, c in ceilings.items()),
+          flush=True)
     sections = []
     for preset, batch, dtype in cases(args.quick):
         result = bench.run(preset, input_shape(preset), batch, steps=steps, dtype=jnp.dtype(dtype),
@@ -49,8 +61,10 @@ def main(argv=None) -> None:
         sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP per step "
                         f"(counted by hand); median of {steps} steps per variant, timed round-robin.\n\n"
                         f"{bench.table(result, ceilings[dtype])}\n")
+        print(sections[-1], flush=True)
     first = cases(args.quick)[0]
-    profiled = bench.profile_table(first[0], input_shape(first[0]), first[1])
+    best = "hand im2col" if jax.default_backend() == "cpu" else "hand fused"  # the backend's default rule
+    profiled = bench.profile_table(first[0], input_shape(first[0]), first[1], names=(best, "xla autodiff"))
     pool_batch = 8 if args.quick else 128
     pools = bench.pool_times(batch=pool_batch)
     pool_rows = "\n".join(f"| {'x'.join(map(str, shape))} | {xla:.2f} | {hand:.2f} | {auto:.2f} | {xla / hand:.1f}x |"
@@ -59,16 +73,17 @@ def main(argv=None) -> None:
     memory = bench.block_memory(batch=16 if args.quick else 128)
     xla = dict(memory)["xla autodiff chain"]
     memory_rows = "\n".join(f"| {name} | {mb:.1f} | {mb / xla:.2f}x |" for name, mb in memory)
+    ceiling_line = ", ".join(f"{d} {c:,.0f} GFLOP/s" for d, c in ceilings.items())
     text = f"""Measured by `python -m experiments.benchmark` on {machine()}.
-Matmul ceiling (an n x n product, float32): {ceilings['float32']:.0f} GFLOP/s.
+Matmul ceiling (an n x n product of random numbers): {ceiling_line}.
 
 {chr(10).join(sections)}
 ### Where the step's time goes
 
 {first[0]}, batch {first[1]}: XLA's op times per step from `jax.profiler` (5 steps), grouped by the JAX operation
-each op comes from (`forward`/`backward` and the primitive; `xla ...`: ops XLA added that carry no JAX origin, here
-the argmax decomposition of `reduce_window` max's gradient). Ops that run concurrently on the two cores overlap,
-so "all ops" exceeds the step time. `jaxcnn bench --profile` prints the same.
+each op comes from (`forward`/`backward` and the primitive; `xla ...`: ops XLA added that carry no JAX origin, on
+the CPU the argmax decomposition of `reduce_window` max's gradient). Ops that run concurrently overlap, so "all ops"
+can exceed the step time. `jaxcnn bench --profile` prints the same.
 
 {profiled}
 
@@ -93,12 +108,13 @@ The gradient of one conv 3x3 + ReLU + 2x2 max-pool layer (simplenn-mnist's secon
 |---|---|---|
 {memory_rows}
 """
-    write(args.out, "benchmark.md", f"# Benchmark\n\n{text}")
+    write(args.out, results_name(), f"# Benchmark\n\n{text}")
     if not args.quick:
         page = args.benchmarks_md.read_text()
-        if START not in page or END not in page:
-            raise SystemExit(f"{args.benchmarks_md} has no {START} ... {END} section to rewrite")
-        page = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda m: f"{START}\n{text}\n{END}", page,
+        start, end = markers()
+        if start not in page or end not in page:
+            raise SystemExit(f"{args.benchmarks_md} has no {start} ... {end} section to rewrite")
+        page = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda m: f"{start}\n{text}\n{end}", page,
                       flags=re.S)
         atomic_write(args.benchmarks_md, page)
         print(f"rewrote the benchmark section of {args.benchmarks_md}")

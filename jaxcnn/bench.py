@@ -8,10 +8,10 @@ the achieved GFLOP/s and its share of a measured matmul ceiling, and the time re
 differentiated by autodiff (the baseline every JAX user starts from).
 
 Variants: ``hand im2col`` (with the backend's default ``store_phi``) and the same with the other setting of
-Lin's space-for-time switch, ``hand flip``, ``hand fused`` (Lin's conv-ReLU-pool block), ``autodiff`` (JAX
-through our forward), ``xla autodiff`` (``lax.conv_general_dilated`` + ``lax.reduce_window``), ``flax`` (linen,
-if installed: ``pip install jaxcnn[bench]``), ``pytorch`` and ``pytorch channels_last`` (if torch is
-importable).
+Lin's space-for-time switch, ``hand flip``, ``hand fused`` (Lin's conv-ReLU-pool block with the backend's default
+rule), ``autodiff`` (JAX through our forward), ``xla autodiff`` (``lax.conv_general_dilated`` +
+``lax.reduce_window``), ``flax`` (linen, if installed: ``pip install jaxcnn[bench]``), ``pytorch`` and ``pytorch
+channels_last`` (if torch is importable; on the GPU when JAX runs on one).
 
 Also: ``profile`` (a step's per-op time from ``jax.profiler``, grouped by the JAX operation each op comes from),
 ``pool_times`` (max pooling's gradient alone, hand vs XLA) and ``block_memory`` (the fused block's compiled
@@ -86,9 +86,13 @@ def median_seconds(f: Callable, *args, repeats: int = 10) -> float:
     return float(np.median(times))
 
 
-def matmul_ceiling(n: int = 2048, dtype=jnp.float32) -> float:
-    """GFLOP/s of an n x n matrix product on the default device: the roof for the conv products."""
-    return 2 * n**3 / median_seconds(jax.jit(lambda a: a @ a), jnp.ones((n, n), dtype)) / 1e9
+def matmul_ceiling(n: int | None = None, dtype=jnp.float32) -> float:
+    """GFLOP/s of an n x n matrix product of random numbers on the default device: the roof for the conv products.
+    n defaults to 2048 on a CPU and 8192 on an accelerator (large enough to fill it). On GPUs XLA's default
+    precision lets float32 products use TF32 tensor cores: that is the rate measured, and the one the steps get."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    return 2 * n**3 / median_seconds(jax.jit(lambda a: a @ a), a) / 1e9
 
 
 def pool_times(batch: int = 128, shapes=((28, 28, 32), (14, 14, 64), (7, 7, 64))) -> list[tuple]:
@@ -158,7 +162,7 @@ def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
         f"hand im2col, phi {'recomputed' if store else 'stored'}": ours(with_store_phi(net, not store), "hand",
                                                                         "im2col"),
         "hand flip": ours(net, "hand", "flip"),
-        "hand fused": ours(fused, "hand", "im2col") if fused != net else None,
+        "hand fused": ours(fused, "hand", None) if fused != net else None,
         "autodiff": ours(net, "autodiff", "im2col"),
         "xla autodiff": lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(xla_apply(net, p, x),
                                                                                         y).mean(),
@@ -249,10 +253,14 @@ def _inputs(net: nw.Sequential, input_shape, batch: int, dtype, seed: int):
 
 
 def _op_origins(hlo: str) -> dict[str, str]:
-    """HLO instruction name -> "forward|backward primitive" from its op_name metadata, or from that of the first
-    instruction inside the computation it calls (XLA's fusions and wrappers often carry none themselves)."""
+    """HLO instruction name -> "forward|backward|update primitive" from its op_name metadata (``jvp(...)``: the
+    forward pass, ``transpose(jvp(...))``: the backward pass, neither: the optimizer's update), or from that of
+    the first instruction inside the computation it calls (XLA's fusions and wrappers often carry none
+    themselves). Parameters, and the copies XLA makes of them, are skipped: their op_name is the argument's name
+    (``params['conv1']['w']``), not an operation."""
     def label(op_name: str) -> str:
-        return f"{'backward' if 'transpose(' in op_name else 'forward'} {op_name.rsplit('/', 1)[-1]}"
+        part = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update"
+        return f"{part} {op_name.rsplit('/', 1)[-1]}"
 
     def unlabelled(name: str) -> str:  # an op XLA added (a layout copy, an iota): its name without the number
         return "xla " + re.sub(r"[.]\d+$", "", name)
@@ -263,7 +271,9 @@ def _op_origins(hlo: str) -> dict[str, str]:
         if header := re.match(r"(?:ENTRY )?%([\w.-]+) \(", line):
             computation = header.group(1)
         elif instruction := re.match(r"\s*(?:ROOT )?%([\w.-]+) = ", line):
-            name, op_name = instruction.group(1), re.search(r'op_name="([^"]*)"', line)
+            name, op_name = instruction.group(1), re.search(r'op_name="(jit\([^"]*)"', line)
+            if " parameter(" in line:
+                continue
             if op_name:
                 origin[name] = label(op_name.group(1))
                 inner.setdefault(computation, origin[name])
@@ -323,12 +333,16 @@ def flax_model(net: nw.Sequential):
     return Model()
 
 
-def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool) -> Callable | None:
-    """The same step in PyTorch eager (None without torch); NCHW, or NHWC memory ("channels_last")."""
+def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool, dtype=jnp.float32) -> Callable | None:
+    """The same step in PyTorch eager (None without torch); NCHW, or NHWC memory ("channels_last"); on CUDA when
+    JAX runs on a GPU (and torch sees one), else on the CPU. Each call waits for the device to finish."""
     try:
         import torch
     except ImportError:
         return None
+    cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    if not cuda and jax.default_backend() != "cpu":
+        return None  # no like-for-like reference on this accelerator
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     layers, shapes = [], [tuple(input_shape), *net.shapes(input_shape)]
@@ -354,9 +368,12 @@ def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool)
             layers.append(torch.nn.Flatten())
         else:
             layers.append({"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh}[layer.type]())
-    model = torch.nn.Sequential(*layers)
-    x = torch.randn(batch, input_shape[2], *input_shape[:2])
-    y = torch.randint(0, shapes[-1][-1], (batch,))
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 products, as XLA's default precision on GPUs
+    device, torch_dtype = ("cuda" if cuda else "cpu"), getattr(torch, jnp.dtype(dtype).name)
+    model = torch.nn.Sequential(*layers).to(device, torch_dtype)
+    x = torch.randn(batch, input_shape[2], *input_shape[:2], device=device, dtype=torch_dtype)
+    y = torch.randint(0, shapes[-1][-1], (batch,), device=device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -366,8 +383,11 @@ def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        if cuda:
+            torch.cuda.synchronize()
 
-    step.note = f"torch {torch.__version__}, {torch.get_num_threads()} threads, eager"
+    step.note = f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if cuda else
+                                                   f"{torch.get_num_threads()} threads") + ", eager"
     return step
 
 
@@ -388,11 +408,14 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         import flax
 
         loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
-        runners["flax"] = JaxStep(loss, model.init(jax.random.key(seed), x), x, y)
+        # Linen keeps float32 parameters and promotes a bfloat16 batch to them: cast them, so that Flax computes
+        # in the step's dtype like every other variant.
+        flax_params = jax.tree_util.tree_map(lambda a: a.astype(dtype), model.init(jax.random.key(seed), x))
+        runners["flax"] = JaxStep(loss, flax_params, x, y)
         runners["flax"].note = f"flax {flax.__version__} linen"
-    if variants is None and torch and dtype == jnp.float32 and jax.devices()[0].platform == "cpu":
+    if variants is None and torch and (dtype == jnp.float32 or jax.default_backend() != "cpu"):
         for channels_last in (False, True):
-            step = torch_step(net, input_shape, batch, channels_last)
+            step = torch_step(net, input_shape, batch, channels_last, dtype)
             if step is not None:
                 runners["pytorch channels_last" if channels_last else "pytorch"] = step
     for runner in runners.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", choices=["ce", "squared"], help="softmax cross-entropy or Lin's squared loss")
     t.add_argument("--C", type=float, help="regularisation: f = ||theta||^2 / (2C) + mean loss (default: off)")
     t.add_argument("--grad", choices=["hand", "autodiff"], help="gradient mode of every layer (default hand)")
-    t.add_argument("--rule", choices=["im2col", "flip"], help="hand rule of the convolutions (default im2col)")
+    t.add_argument("--rule", choices=["im2col", "flip"],
+                   help="hand rule of the convolutions (default: the backend's faster: im2col on CPU, flip on GPU/TPU)")
     t.add_argument("--fuse", action="store_true", default=None,
                    help="use Lin's fused conv-ReLU-pool block where possible")
     t.add_argument("--seed", type=int, help="seed of the initial weights, validation split and batch order")
@@ -256,8 +258,20 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def deterministic_gpu_kernels() -> None:
+    """Ask XLA for deterministic GPU kernels (reductions without atomics, deterministic convolution algorithms),
+    so that on a GPU, as on the CPU, a seed gives the same run and a resumed run the same bits as an uninterrupted
+    one. Takes effect only before JAX starts its backend; a setting of the flag already in XLA_FLAGS wins (opt out
+    with ``XLA_FLAGS=--xla_gpu_deterministic_ops=false``). CPUs are deterministic anyway."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "evaluate"):
+        deterministic_gpu_kernels()
     if args.command == "demo":
         from jaxcnn import demo
 

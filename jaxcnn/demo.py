@@ -34,7 +34,7 @@ def init(key: jax.Array, dtype) -> dict:
     }
 
 
-def loss(params: dict, x: jax.Array, labels: jax.Array, grad: str, rule: str = "im2col") -> jax.Array:
+def loss(params: dict, x: jax.Array, labels: jax.Array, grad: str, rule: str | None = None) -> jax.Array:
     z = jc.conv_relu_pool(x, params["conv1"]["w"], params["conv1"]["b"], padding=1, grad=grad, rule=rule)
     z = jc.conv2d(z, params["conv2"]["w"], params["conv2"]["b"], stride=2, grad=grad, rule=rule)
     z = jc.max_pool2d(jc.relu(z, grad=grad), 3, 2, "SAME", grad=grad)

@@ -29,7 +29,7 @@ from jaxcnn.ops import _args
 from jaxcnn.ops._windows import Window
 from jaxcnn.ops.block import pool_geometry as block_pool_geometry
 from jaxcnn.ops.conv import geometry as conv_geometry
-from jaxcnn.ops.conv import resolve_store_phi
+from jaxcnn.ops.conv import resolve as resolve_rule
 from jaxcnn.ops.pool import geometry as pool_geometry
 
 if sys.version_info >= (3, 11):
@@ -100,9 +100,8 @@ class Conv(Layer):
     def __post_init__(self):
         _check_features(self.type, self.features)
         _check_init(self.type, self.init)
-        _check_mode(self.type, self.grad, self.rule)
-        if self.store_phi is not None:
-            resolve_store_phi(self.type, self.store_phi, self.rule or "im2col")
+        _check_mode(self.type, self.grad)
+        resolve_rule(self.type, self.rule, self.store_phi)
 
     def param_shapes(self, in_shape):
         kh, kw = _args.positive_pair(self.type, "kernel", self.kernel)
@@ -277,7 +276,7 @@ class Sequential:
             params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in _param_shapes(layer, shape, i).items()}
             x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
             try:
-                shape = jax.eval_shape(lambda p, x, layer=layer: layer.apply(p, x, grad="hand", rule="im2col"),
+                shape = jax.eval_shape(lambda p, x, layer=layer: layer.apply(p, x, grad="hand", rule=None),
                                        params, x).shape[1:]
             except (ValueError, TypeError) as err:
                 raise ValueError(f"layer {i} ({describe(layer)}) does not fit its input of shape "
@@ -294,15 +293,14 @@ class Sequential:
                  for i, (name, layer, shape) in enumerate(zip(self.names, self.layers, shapes)) if name]
         return _init(specs, key, jnp.dtype(dtype))
 
-    def apply(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str = "im2col") -> jax.Array:
+    def apply(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None) -> jax.Array:
         """The network's output for a batch ``x`` [N, H, W, C]. ``grad`` and ``rule`` apply to every layer that
-        does not set its own."""
+        does not set its own; ``rule=None`` leaves each conv layer the backend's default (see ``conv2d``)."""
         return self.outputs(params, x, grad=grad, rule=rule)[-1]
 
-    def outputs(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str = "im2col") -> list[jax.Array]:
+    def outputs(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None) -> list[jax.Array]:
         """Every layer's output, in order (the last is ``apply``'s result)."""
-        _args.choice(self.name, "grad", grad, _args.GRAD_MODES)
-        _args.choice(self.name, "rule", rule, _args.CONV_RULES)
+        _check_mode(self.name, grad, rule)
         outs = []
         for i, (name, layer) in enumerate(zip(self.names, self.layers)):
             try:

@@ -31,7 +31,7 @@ def regulariser(params, C: float | None) -> jax.Array:
 
 
 def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss: str = "ce",
-              C: float | None = None, grad: str = "hand", rule: str = "im2col"):
+              C: float | None = None, grad: str = "hand", rule: str | None = None):
     """f(theta) on a batch (Lin eq. 1-2). Returns ``(f, aux)`` with ``aux = {"loss": the batch-mean data term,
     "correct": number of correctly classified examples, "finite": whether each layer's output is free of NaN and
     Inf}`` (for ``jax.value_and_grad(..., has_aux=True)``)."""

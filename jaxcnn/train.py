@@ -34,6 +34,7 @@ from jaxcnn._io import atomic_path, atomic_write
 from jaxcnn.checkpoint import list_states, newest_state, save_model, save_state
 from jaxcnn.network import Sequential, describe
 from jaxcnn.ops import _args
+from jaxcnn.ops.conv import resolve as resolve_rule
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "step")
@@ -55,7 +56,7 @@ class TrainConfig:
     loss: str = "ce"
     C: float | None = None
     grad: str = "hand"
-    rule: str = "im2col"
+    rule: str | None = None  # None: the backend's faster rule (conv2d's default)
     seed: int = 0
     val_fraction: float = 0.1
 
@@ -65,7 +66,8 @@ class TrainConfig:
         _args.choice("train", "optimizer", self.optimizer, OPTIMIZERS)
         _args.choice("train", "schedule", self.schedule, SCHEDULES)
         _args.choice("train", "grad", self.grad, _args.GRAD_MODES)
-        _args.choice("train", "rule", self.rule, _args.CONV_RULES)
+        if self.rule is not None:
+            _args.choice("train", "rule", self.rule, _args.CONV_RULES)
         obj.check(self.loss, self.C)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
@@ -406,9 +408,10 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     dataset = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download, progress=progress)
     prep = prepare(dataset, cfg)
     check_network(net, prep.input_shape, prep.classes)
+    rule = resolve_rule("train", cfg.rule, None)[0]  # for the record: what layers without a rule of their own use
     log(f"{recipe} on {prep.name}: {len(prep.x_fit)} training, {len(prep.x_val)} validation, "
         f"{len(prep.x_test)} test images {'x'.join(map(str, prep.input_shape))}; "
-        f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={cfg.rule}; "
+        f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={rule}; "
         f"{mesh.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
     meta = {"recipe": recipe, "dataset": prep.name, "classes": prep.classes,
             "input_shape": list(prep.input_shape), "train": dataclasses.asdict(cfg)}
@@ -440,7 +443,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                  resume=resume_from and (resume_from[0], resume_from[1]), devices=devices)
     seconds = time.perf_counter() - begin
     summary = {"test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"], "epochs": cfg.epochs,
-               "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": cfg.rule,
+               "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": rule,
                "recipe": recipe, "dataset": prep.name, "skipped_steps": result.skipped, "resumed": bool(resume_from),
                "device": jax.devices()[0].device_kind, "devices": mesh.size, "processes": jax.process_count(),
                "jax": jax.__version__, "train": dataclasses.asdict(cfg), "network": net.to_config()}

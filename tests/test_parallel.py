@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def env_with_devices(n: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    env["JAX_PLATFORMS"] = "cpu"  # the forced devices are the host's, also on a machine with a GPU
     env["PYTHONPATH"] = str(ROOT)
     return env
 

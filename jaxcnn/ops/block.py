@@ -39,7 +39,7 @@ def conv_relu_pool(
     dilation: int | tuple[int, int] = 1,
     pool: int | tuple[int, int] = 2,
     grad: str = "hand",
-    rule: str = "im2col",
+    rule: str | None = None,
     store_phi: bool | None = None,
 ) -> jax.Array:
     """``max_pool2d(relu(conv2d(x, w, b)), pool)`` as one op whose hand backward is Lin eq. (24), (26)-(28).
@@ -57,8 +57,7 @@ def conv_relu_pool(
     pool_window = pool_geometry(op, pool)
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
-    _args.choice(op, "rule", rule, _args.CONV_RULES)
-    store_phi = conv.resolve_store_phi(op, store_phi, rule)
+    rule, store_phi = conv.resolve(op, rule, store_phi)
     if grad == "autodiff":
         return forward(window, pool_window, store_phi, x, w, b)
     return _block_hand(rule, window, pool_window, store_phi, x, w, b)

@@ -60,7 +60,7 @@ def conv2d(
     padding: str | int | tuple = 0,
     dilation: int | tuple[int, int] = 1,
     grad: str = "hand",
-    rule: str = "im2col",
+    rule: str | None = None,
     store_phi: bool | None = None,
 ) -> jax.Array:
     """2-D convolution ``S = W phi(pad(Z)) + b 1^T`` (Lin eq. 3) with a hand-derived or autodiff gradient.
@@ -74,9 +74,11 @@ def conv2d(
       dilation: int or (dh, dw), >= 1: kernel taps are ``dilation`` apart.
       grad: "hand" (custom VJP following the notes) or "autodiff" (JAX differentiates the same forward).
       rule: hand rule: "im2col" (Lin eq. 12, 14, 18) or "flip" (Ray / DD2424, generalised to stride and
-        dilation). With ``grad="autodiff"`` it only selects ``store_phi``'s default.
+        dilation). Default (None): the faster on this backend, as measured in BENCHMARKS.md: "im2col" on CPU
+        (or wherever ``store_phi=True``), "flip" on GPUs and TPUs. With ``grad="autodiff"`` it only selects
+        ``store_phi``'s default.
       store_phi: compute S as phi(pad(Z)) @ w2 and, with the im2col rule, keep phi(pad(Z)) for dW (Lin's
-        space-for-time trade); False: XLA's convolution. Default (None): True on CPU with ``rule="im2col"``,
+        space-for-time trade); False: XLA's convolution. Default (None): True on CPU with the im2col rule,
         else False. Applies to both gradient modes, which share the forward pass.
 
     Returns:
@@ -84,22 +86,26 @@ def conv2d(
     """
     x, w, b, window = check("conv2d", x, w, b, stride, padding, dilation)
     _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
-    _args.choice("conv2d", "rule", rule, _args.CONV_RULES)
-    store_phi = resolve_store_phi("conv2d", store_phi, rule)
+    rule, store_phi = resolve("conv2d", rule, store_phi)
     if grad == "autodiff":
         return forward(window, store_phi, x, w, b)[0]
     return _conv_hand(rule, window, store_phi, x, w, b)
 
 
-def resolve_store_phi(op: str, store_phi: bool | None, rule: str) -> bool:
-    """The store_phi switch, its default resolved per backend: store on CPU with the im2col rule."""
-    if store_phi is None:
-        return rule == "im2col" and jax.default_backend() == "cpu"
-    if not isinstance(store_phi, bool):
+def resolve(op: str, rule: str | None, store_phi: bool | None) -> tuple[str, bool]:
+    """The hand rule and Lin's store_phi switch, checked, their defaults resolved per backend (the faster of each
+    in BENCHMARKS.md): im2col with phi(pad(Z)) stored on CPU; the flip rule on accelerators, whose convolutions
+    (cuDNN on GPUs) beat phi(pad(Z)) products there. Asking to store phi(pad(Z)) implies the im2col rule."""
+    if store_phi is not None and not isinstance(store_phi, bool):
         raise TypeError(f"{op}: store_phi must be True, False or None, got {store_phi!r}")
+    if rule is None:
+        rule = "im2col" if store_phi or jax.default_backend() == "cpu" else "flip"
+    _args.choice(op, "rule", rule, _args.CONV_RULES)
+    if store_phi is None:
+        return rule, rule == "im2col" and jax.default_backend() == "cpu"
     if store_phi and rule != "im2col":
         raise ValueError(f"{op}: store_phi applies to rule='im2col' (the flip rule does not use phi(pad(Z)))")
-    return store_phi
+    return rule, store_phi
 
 
 def check(op: str, x, w, b, stride, padding, dilation) -> tuple[jax.Array, jax.Array, jax.Array | None, Window]:
