@@ -39,6 +39,7 @@ from jax import lax
 
 from jaxcnn import network as nw
 from jaxcnn import objective as obj
+from jaxcnn.ops import conv
 
 
 @dataclass
@@ -156,7 +157,7 @@ def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
         return lambda p, x, y: obj.objective(p, n, x, y, grad=grad, rule=rule)[0]
 
     fused = net.fuse()
-    store = jax.default_backend() == "cpu"  # the default (see conv2d's store_phi)
+    store = conv.resolve("bench", "im2col", None)[1]  # conv2d's default for the im2col rule on this backend
     variants = {
         "hand im2col": ours(net, "hand", "im2col"),
         f"hand im2col, phi {'recomputed' if store else 'stored'}": ours(with_store_phi(net, not store), "hand",
