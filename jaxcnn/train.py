@@ -316,7 +316,8 @@ def _nan_message(net: Sequential, params: dict, guard: dict, steps: int, cfg: Tr
     paths = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     grads = [p for p, ok in zip(paths, guard["grad_finite"]) if not ok]
     where = (f"layer {layers[0]} ({describe(net.layers[layers[0]])}) was the first to output NaN or Inf"
-             if layers else "every layer's output was finite, the loss or backward pass was not")
+             if layers else "every layer's output was finite, the loss or backward pass was not (a label "
+             "outside [0, K) makes the loss NaN)")
     return (f"non-finite objective or gradient at step {bad + 1} (epoch {epoch}, step {within} of {steps}): "
             f"{where}; non-finite gradients: {', '.join(grads) or 'none'}. Training stopped; the last checkpoint "
             f"written before it is kept. Lower --lr (now {cfg.lr}), set --C, or pass --on-nan skip")

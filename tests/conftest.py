@@ -26,3 +26,14 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many examples of each geometry class the property tests drew (tests/ops/test_geometry.py)."""
+    from tests.helpers import GEOMETRY_COUNTS
+
+    if GEOMETRY_COUNTS:
+        families = sorted({family for family, _ in GEOMETRY_COUNTS})
+        lines = [f"{family}: " + ", ".join(f"{c} {n}" for (f, c), n in sorted(GEOMETRY_COUNTS.items()) if f == family)
+                 for family in families]
+        terminalreporter.write_line("geometry classes drawn (examples; one may fall in several): " + "; ".join(lines))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,9 @@ DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16)
 # (saturated tanh) either can be several percent from the exact value (autodiff's tanh rule 6%, ours 3%, against
 # float64 on the same inputs). A wrong rule is off by O(1): a flipped kernel gives ~1.0.
 TOLERANCE = {jnp.dtype(jnp.float64): 1e-10, jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-1}
+
+# (op family, geometry class) -> examples drawn by tests/ops/test_geometry.py; printed by conftest at the end.
+GEOMETRY_COUNTS: Counter = Counter()
 
 
 def normal(rng: np.random.Generator, shape, dtype) -> jax.Array:

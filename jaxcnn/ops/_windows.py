@@ -91,17 +91,30 @@ def unpatches(cols: jax.Array, window: Window, in_hw: Pair) -> jax.Array:
     placed there by one pad (``stride - 1`` zeros between entries) and the kh*kw blocks are summed; overlapping
     windows add up. No scatter, no index arrays, no padded intermediate.
     """
-    (dh, dw), zero = window.dilation, jnp.zeros((), cols.dtype)
+    zero = jnp.zeros((), cols.dtype)
     total = jnp.zeros((cols.shape[0], *in_hw, cols.shape[5]), cols.dtype)
     for i, j in window.offsets():
         block, config = cols[:, :, :, i, j], [(0, 0, 0)] * 4
-        for axis, offset in ((1, i * dh), (2, j * dw)):
-            n, (top, _), s = in_hw[axis - 1], window.padding[axis - 1], window.stride[axis - 1]
-            first = max(0, -((offset - top) // s))  # the first output position that reads input row >= 0
-            last = min(block.shape[axis] - 1, (n - 1 + top - offset) // s)  # ... and the last, row <= n - 1
-            block = lax.slice_in_dim(block, first, max(first, last + 1), axis=axis)
-            start = first * s + offset - top
+        for axis, offset in ((1, i * window.dilation[0]), (2, j * window.dilation[1])):
+            first, last = _reads_input(offset, block.shape[axis], in_hw[axis - 1], window, axis - 1)
+            if first > last:  # this offset reads only padding along this axis: it adds nothing
+                break
+            n, s = in_hw[axis - 1], window.stride[axis - 1]
+            block = lax.slice_in_dim(block, first, last + 1, axis=axis)
+            start = first * s + offset - window.padding[axis - 1][0]
             config[axis] = (start, n - start - (last - first) * s - 1, s - 1)
-        if block.size:  # else this offset reads only padding
+        else:
             total = total + lax.pad(block, zero, config)
     return total
+
+
+def _reads_input(offset: int, out: int, n: int, window: Window, axis: int) -> Pair:
+    """The first and last of ``out`` output positions whose window offset ``offset`` (dilation included) reads an
+    input row in [0, n) rather than padding, along ``axis``; first > last when every one reads padding.
+
+    Position o reads padded row ``o * stride + offset``, i.e. input row ``o * stride + offset - top``.
+    """
+    top, s = window.padding[axis][0], window.stride[axis]
+    first = max(0, -((offset - top) // s))
+    last = min(out - 1, (n - 1 + top - offset) // s)
+    return first, last

@@ -7,6 +7,10 @@
 Both return the mean over the batch, (1/N) sum_i xi_i (the data term of Lin eq. 1), so their gradients carry 1/N.
 Targets ``y`` may be integer class labels [N] (turned into one-hot rows) or float rows [N, K]. Half-precision
 inputs are evaluated in float32 and the loss is returned in float32; gradients come back in the input dtypes.
+
+Integer labels outside [0, K): a call with concrete labels raises ValueError. Under ``jit`` or ``vmap`` the labels
+are traced and nothing can raise, so such a row's one-hot target is NaN: the loss and every gradient come out NaN
+(never a silent 0), and ``jaxcnn train`` stops on it (``--on-nan``). Check labels before tracing to get the error.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxcnn.ops import _args
 
@@ -31,12 +36,14 @@ def squared_error(z: jax.Array, y: jax.Array, *, grad: str = "hand") -> jax.Arra
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, grad: str = "hand") -> jax.Array:
-    """Mean over the batch of -sum_j y_j log softmax(z)_j, computed stably with logsumexp; hand gradient
-    (softmax(z) sum_j y_j - y) / N, i.e. (softmax(z) - y) / N for one-hot or probability rows (Sadeghzadeh).
+    """Mean over the batch of -sum_j y_j log softmax(z)_j, with log softmax computed after subtracting each row's
+    maximum (accurate at any logit scale); hand gradient (softmax(z) sum_j y_j - y) / N, i.e. (softmax(z) - y) / N
+    for one-hot or probability rows (Sadeghzadeh).
 
     Args:
       logits: z, [N, K].
-      labels: int labels [N] in [0, K), or one-hot / probability rows [N, K].
+      labels: int labels [N] in [0, K) (out of range: ValueError, or NaN when traced; see the module docstring),
+        or one-hot / probability rows [N, K].
       grad: "hand" or "autodiff".
     """
     z, y = _inputs("softmax_cross_entropy", ("logits", logits), ("labels", labels), grad)
@@ -54,12 +61,16 @@ def _inputs(op: str, z_arg, y_arg, grad: str) -> tuple[jax.Array, jax.Array]:
         if y.shape != (n,):
             raise ValueError(f"{op}: integer {y_name} must have shape ({n},) to match {z_name} [N={n}, K={k}], "
                              f"got {tuple(y.shape)}")
-        if not isinstance(y, jax.core.Tracer) and y.size:  # concrete labels (even inside jit): check on host
+        if not isinstance(y, jax.core.Tracer):  # concrete labels (even inside jit): check on host
             values = np.asarray(y)
-            if values.min() < 0 or values.max() >= k:
+            if values.size and (values.min() < 0 or values.max() >= k):
                 raise ValueError(f"{op}: {y_name} must lie in [0, {k}) for K={k} classes, got values from "
                                  f"{values.min()} to {values.max()}")
-        return z, jax.nn.one_hot(y, k, dtype=z.dtype)
+            return z, jax.nn.one_hot(y, k, dtype=z.dtype)
+        # Traced labels cannot raise: a row whose label is outside [0, K) becomes NaN, which poisons the loss and
+        # every gradient (one_hot alone would give it an all-zero row: loss 0, gradient 0, silently).
+        valid = (y >= 0) & (y < k)
+        return z, jnp.where(valid[:, None], jax.nn.one_hot(y, k, dtype=z.dtype), jnp.nan)
     y = _args.array(op, y_name, y)
     if y.shape != z.shape:
         raise ValueError(f"{op}: float {y_name} must have the shape of {z_name} {tuple(z.shape)}, "
@@ -77,11 +88,26 @@ def squared_error_forward(z: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.sum(r * r) / z.shape[0]
 
 
+def log_softmax(z: jax.Array) -> jax.Array:
+    """log p = (z - max z) - log sum_j exp(z_j - max z), row by row.
+
+    The shift by the row's maximum is exact (in any dtype) and leaves p unchanged; without it, z - logsumexp(z)
+    rounds logsumexp(z) at z's magnitude (in float32 at 1e6 to 1/16) and loses log p's digits. The maximum gets no
+    gradient: log p does not depend on the shift.
+    """
+    shifted = z - lax.stop_gradient(z.max(axis=-1, keepdims=True))
+    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
+def softmax(z: jax.Array) -> jax.Array:
+    """p = exp(z - max z) / sum_j exp(z_j - max z), normalised by its own sum (exp(log p) is not, to rounding)."""
+    e = jnp.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def cross_entropy_forward(z: jax.Array, y: jax.Array) -> jax.Array:
     ct = _compute_dtype(z, y)
-    z, y = z.astype(ct), y.astype(ct)
-    log_p = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
-    return -jnp.sum(y * log_p) / z.shape[0]
+    return -jnp.sum(y.astype(ct) * log_softmax(z.astype(ct))) / z.shape[0]
 
 
 @jax.custom_vjp
@@ -116,10 +142,9 @@ def _cross_entropy_bwd(res, g):
     z, y = res
     ct = _compute_dtype(z, y)
     z32, y32 = z.astype(ct), y.astype(ct)
-    log_p = z32 - jax.nn.logsumexp(z32, axis=-1, keepdims=True)
     scale = g / z.shape[0]
-    dz = scale * (jnp.exp(log_p) * y32.sum(axis=-1, keepdims=True) - y32)
-    dy = -scale * log_p
+    dz = scale * (softmax(z32) * y32.sum(axis=-1, keepdims=True) - y32)
+    dy = -scale * log_softmax(z32)
     return dz.astype(z.dtype), dy.astype(y.dtype)
 
 

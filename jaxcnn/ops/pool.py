@@ -11,7 +11,10 @@ index is chosen"), stored as int8. The backward pass is Delta^T P_pool: each Del
 and positions covered by several (overlapping) windows add up.
 
 Autodiff differentiates the same forward, a max over the window's entries, and at a tie shares the cotangent
-equally among the tied entries. Hand and autodiff therefore differ exactly at tied windows, and nowhere else.
+equally among the tied entries. Hand and autodiff therefore differ exactly at tied windows, and nowhere else among
+finite inputs. A window holding NaN has a NaN maximum; the hand rule then routes Delta to the window's first NaN (a
+NaN counts as the maximum, as in ``argmax`` and PyTorch), while autodiff gives NaN to every entry of that window
+(its tie-sharing divides by a count of 0 matches). The output is NaN either way.
 
 Average pooling is the linear map A_AvgPool = (1/K) sum of the window's entries (K = window area, padding counted
 as zeros: it equals a depthwise convolution with a constant 1/K filter); its backward spreads Delta / K evenly.
@@ -137,7 +140,9 @@ def max_with_index(win: Window, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if _tiles(win):
         t = _tiled(win, x)
         z = t.max(axis=(2, 4))
-        return z, jnp.where(t == _spread(z), _offsets(win, index_dtype), k).min(axis=(2, 4))  # first maximum
+        # the first maximum; a NaN counts as the maximum, as in argmax (so both paths route to the first NaN)
+        first = (t == _spread(z)) | jnp.isnan(t)
+        return z, jnp.where(first, _offsets(win, index_dtype), k).min(axis=(2, 4))
     w = _windows(win, x, -jnp.inf)
     flat = w.reshape(*w.shape[:3], k, w.shape[5])  # window entries in row-major order
     return flat.max(axis=3), jnp.argmax(flat, axis=3).astype(index_dtype)  # argmax: the first maximum

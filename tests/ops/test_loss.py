@@ -68,3 +68,50 @@ def test_concrete_labels_closed_over_inside_jit(loss):
     np.testing.assert_allclose(jax.jit(lambda z: loss(z, labels))(z), loss(z, labels), rtol=1e-12)
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
         jax.jit(lambda z: loss(z, bad))(z)
+
+
+def reference_cross_entropy(z, labels):
+    """Loss and gradient in float64 NumPy, from the float32 logits as given (the truth they are compared with)."""
+    z = np.asarray(z, np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    y = np.eye(z.shape[1])[labels]
+    return -(y * log_p).sum() / len(z), (np.exp(log_p) - y) / len(z)
+
+
+@pytest.mark.parametrize("grad", ["hand", "autodiff"])
+def test_cross_entropy_keeps_float32_accuracy_at_large_and_mixed_scales(grad):
+    """Issue 13: z - logsumexp(z) rounded logsumexp at z's magnitude: [1e6, 1e6, 0] gave loss 0.6875 (log 2 =
+    0.6931) and gradient [-0.497, 0.503, 0]. Now loss and gradient are float32-accurate at any scale."""
+    rng = np.random.default_rng(4)
+    cases = {"audit": (np.array([[1e6, 1e6, 0]]), [0]),
+             "1e4": (np.array([[1e4, 1e4 - 0.5, -3.0]]), [1]),
+             "mixed": (rng.normal(size=(8, 5)) * 10.0 ** rng.uniform(-3, 7, size=(8, 1)), rng.integers(0, 5, 8))}
+    for name, (z, labels) in cases.items():
+        z32, labels = jnp.asarray(z, jnp.float32), jnp.asarray(labels)
+        value, g = jax.value_and_grad(lambda z, labels=labels: jc.softmax_cross_entropy(z, labels, grad=grad))(z32)
+        loss64, g64 = reference_cross_entropy(z32, labels)
+        assert abs(float(value) - loss64) <= 1e-6 * max(1.0, abs(loss64)), (name, float(value), loss64)
+        np.testing.assert_allclose(g, g64, rtol=0, atol=1e-7, err_msg=name)
+    loss, g = jax.value_and_grad(lambda z: jc.softmax_cross_entropy(z, jnp.array([0]), grad=grad))(
+        jnp.array([[1e6, 1e6, 0]], jnp.float32))
+    assert float(loss) == np.float32(np.log(2)) and g.tolist() == [[-0.5, 0.5, 0.0]]
+
+
+@pytest.mark.parametrize("grad", ["hand", "autodiff"])
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda f: f.__name__)
+def test_traced_out_of_range_labels_poison_the_loss_and_gradient(loss, grad):
+    """Issue 13: under jit or vmap a label -1 or K gave loss 0 and gradient 0 (an all-zero one-hot row). Traced
+    labels cannot raise, so such a row is NaN: the loss and that row's gradient are NaN; valid rows are unchanged."""
+    z = normal(np.random.default_rng(5), (3, 4), jnp.float32)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda z, y: loss(z, y, grad=grad)))
+    good = value_and_grad(z, jnp.array([0, 3, 1]))
+    np.testing.assert_allclose(good[0], loss(z, jnp.array([0, 3, 1])), rtol=1e-6)
+    assert np.isfinite(good[1]).all()
+    for bad in (-1, 4):
+        value, g = value_and_grad(z, jnp.array([0, bad, 1]))
+        assert np.isnan(value), (bad, value)
+        g = np.asarray(g)
+        assert np.isnan(g[1]).all() and np.isfinite(g[[0, 2]]).all(), (bad, g)
+    per_set = jax.vmap(lambda y: loss(z, y, grad=grad))(jnp.array([[0, 3, 1], [0, 10, 1]]))
+    assert np.isfinite(per_set[0]) and np.isnan(per_set[1])

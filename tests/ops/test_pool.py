@@ -155,3 +155,23 @@ def test_window_count_above_int8_uses_wider_index():
     results = assert_modes_agree(lambda x, **m: jc.max_pool2d(x, 12, **m), (x,), ("x",), jnp.float32,
                                  "max pool 12x12 window", VARIANTS)
     assert results["hand"][0].shape == (1, 1, 1, 1)
+
+
+def test_nan_in_a_window_is_routed_alike_by_both_hand_paths():
+    """Issue 13: the tiled fast path (stride = window, no padding) dropped Delta at a window holding NaN while the
+    general path routed it to the NaN. Both now route it to the window's first NaN, as argmax and PyTorch do;
+    autodiff gives NaN to every entry of such a window. The same 2x2 windows reach the general path through a
+    bottom/right padding row that no window reads."""
+    x = distinct(np.random.default_rng(4), (1, 4, 4, 1), jnp.float32)
+    x = x.at[0, 0, 1, 0].set(jnp.nan).at[0, 1, 0, 0].set(jnp.nan).at[0, 3, 3, 0].set(jnp.nan)
+    delta = jnp.array([1.0, 2.0, 3.0, 4.0], jnp.float32).reshape(1, 2, 2, 1)
+    grads = {}
+    for name, padding in (("tiled", "VALID"), ("general", ((0, 1), (0, 1)))):
+        z, pullback = jax.vjp(lambda a, padding=padding: jc.max_pool2d(a, 2, padding=padding), x)
+        assert z.shape == (1, 2, 2, 1) and np.isnan(z[0, 0, 0, 0]) and np.isnan(z[0, 1, 1, 0])
+        grads[name] = np.asarray(pullback(delta)[0])[0, :, :, 0]
+    np.testing.assert_array_equal(grads["tiled"], grads["general"])
+    assert grads["tiled"][0, 1] == 1.0 and grads["tiled"][1, 0] == 0.0  # the first NaN in row-major order
+    assert grads["tiled"][3, 3] == 4.0
+    _, pullback = jax.vjp(lambda a: jc.max_pool2d(a, 2, grad="autodiff"), x)
+    assert np.isnan(np.asarray(pullback(delta)[0])[0, :2, :2, 0]).all()

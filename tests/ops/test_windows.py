@@ -13,6 +13,8 @@ GEOMETRIES = [  # (in_hw, size, stride, dilation, padding)
     ((6, 6), (3, 2), (3, 2), (2, 1), ((2, 2), (0, 1))),
     ((1, 4), (3, 1), (2, 1), (1, 1), ((2, 2), (0, 0))),  # kernel row 1 reads only padding: it adds nothing
     ((4, 4), (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0))),  # rows past the last window get nothing back
+    ((1, 1), (1, 3), (1, 1), (1, 1), ((0, 0), (2, 0))),  # one pixel; offsets 0, 1 read only padding (issue 13)
+    ((3, 1), (3, 3), (1, 1), (1, 1), ((2, 0), (2, 0))),  # ... and in both axes, as max pooling allows
 ]
 
 
