@@ -31,14 +31,14 @@ def run(presets: list[str], dtypes=DTYPES, batch: int = 2) -> list[list]:
         labels = jnp.arange(batch) % 10
         for dtype in dtypes:
             start = time.perf_counter()
-            report = gradcheck.check_network(net, params, x, labels, dtype=dtype, activations=False)
+            report = gradcheck.check_network(net, params, x, labels, dtype=dtype, layers=False)
             seconds = time.perf_counter() - start
             kinks = sum(v for counts in report.kinks.values() for k, v in counts.items() if k != "near")
             for rule in ("im2col", "flip"):
                 params_rows = [r for r in report.rows if r.mode == f"hand {rule}" and "/" in r.name]
                 rows.append([name, "x".join(map(str, shape)), dtype, rule,
                              f"{max(r.rel for r in params_rows):.1e}",
-                             f"{min(r.cosine for r in params_rows):.9f}",
+                             f"{min(r.cosine for r in params_rows if r.cosine is not None):.9f}",
                              f"{max(r.fd_error for r in params_rows):.1e}",
                              kinks, sum(r.status == "MISMATCH" for r in report.rows if r.mode == f"hand {rule}"),
                              f"{seconds:.0f}"])

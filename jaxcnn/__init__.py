@@ -4,10 +4,12 @@ Each op takes ``grad="hand"`` (default: a ``jax.custom_vjp`` reproducing the not
 ``grad="autodiff"`` (JAX differentiating the very same forward pass). docs/formulas.md maps ops to equations.
 """
 
+from jaxcnn.custom import custom_op
 from jaxcnn.network import (
     AvgPool,
     Conv,
     ConvReLUPool,
+    Custom,
     Dense,
     Flatten,
     MaxPool,
@@ -37,6 +39,7 @@ __all__ = [
     "AvgPool",
     "Conv",
     "ConvReLUPool",
+    "Custom",
     "Dense",
     "Flatten",
     "MaxPool",
@@ -47,6 +50,7 @@ __all__ = [
     "avg_pool2d",
     "conv2d",
     "conv_relu_pool",
+    "custom_op",
     "dense",
     "max_pool2d",
     "output_size",

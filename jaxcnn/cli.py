@@ -29,6 +29,18 @@ def input_shape(preset: str) -> tuple[int, int, int]:
     return INPUT_SHAPES[dataset_of(network.preset_config(preset))]
 
 
+def shape_arg(text: str) -> tuple[int, int, int]:
+    """``HxWxC`` (or ``H,W,C``) as a shape of three positive ints."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxWxC of three positive ints, e.g. 28x28x1; got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcnn",
@@ -106,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the hand and autodiff gradients (finite differences are float64)")
     g.add_argument("--rule", choices=["im2col", "flip", "both"], default="both")
     g.add_argument("--batch", type=int, default=4)
+    g.add_argument("--input-shape", type=shape_arg, metavar="HxWxC",
+                   help="image shape, e.g. 28x28x1 (default: that of the dataset the network's config names, "
+                        "digits 8x8x1 if none)")
     g.add_argument("--input", choices=["random", "zeros"], default="random",
                    help="zeros plants kinks: with zero biases every ReLU input is 0 and every pool window tied")
     g.add_argument("--loss", choices=["ce", "squared"], default="ce")
@@ -211,15 +226,22 @@ def cmd_gradcheck(args) -> int:
         net = network.Sequential.from_config(config, source=args.config)
     else:
         config, net = network.preset_config(args.preset), network.preset(args.preset)
-    shape = INPUT_SHAPES[dataset_of(config)]
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.input_shape:
+        shape, origin = args.input_shape, "--input-shape"
+    else:
+        shape, origin = INPUT_SHAPES[dataset_of(config)], f"the input of dataset {dataset_of(config)}"
+    net.shapes(shape)  # a network that does not fit the shape is named, layer and shapes, before anything runs
     key_params, key_x, key_y = jax.random.split(jax.random.key(args.seed), 3)
     params = net.init(key_params, shape, dtype=jnp.float64)
     x = (jax.random.normal(key_x, (args.batch, *shape), jnp.float64) if args.input == "random"
          else jnp.zeros((args.batch, *shape), jnp.float64))
     labels = jax.random.randint(key_y, (args.batch,), 0, net.shapes(shape)[-1][0])
     rules = ("im2col", "flip") if args.rule == "both" else (args.rule,)
-    print(f"gradcheck {net.name} on a {args.input} batch of {args.batch} x {'x'.join(map(str, shape))}, "
-          f"{args.dtype}, loss {args.loss}, seed {args.seed}\n")
+    print(f"gradcheck {net.name}: input {args.batch} x {'x'.join(map(str, shape))} ({origin}), values: {args.input} "
+          f"(--input), gradients in {args.dtype} (finite differences in float64), loss {args.loss}, seed {args.seed}"
+          "\n")
     report = gradcheck.check_network(net, params, x, labels, loss=args.loss, dtype=args.dtype, rules=rules,
                                      seed=args.seed)
     print(report.table())

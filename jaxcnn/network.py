@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn import ops
+from jaxcnn.custom import CustomOp
 from jaxcnn.ops import _args
 from jaxcnn.ops._windows import Window
 from jaxcnn.ops.block import pool_geometry as block_pool_geometry
@@ -229,6 +230,48 @@ class Dense(Layer):
         return ops.dense(x, params["w"], params.get("b"), grad=self.grad or grad)
 
 
+@dataclass(frozen=True)
+class Custom(Layer):
+    """A user op built by ``jaxcnn.custom.custom_op`` as a layer: ``op(x, *params, grad=..., **settings)``.
+
+    ``settings`` are the op's keyword settings as (name, value) pairs, e.g. ``Custom(op, (("slope", 0.1),))``.
+    Parameters, if the op has any, are named ``<op name>1``, ``<op name>2``, ... in ``params`` and initialised by
+    the op's ``init``. In TOML the layer is ``type = "<op name>"`` with its settings as keys, and the config is
+    read with ``Sequential.from_config(config, custom_ops={"<op name>": op})``.
+    """
+
+    op: CustomOp
+    settings: tuple = ()
+    grad: str | None = None
+    type: ClassVar[str] = "custom"
+
+    def __post_init__(self):
+        if not isinstance(self.op, CustomOp):
+            raise TypeError(f"custom layer: op must be built by jaxcnn.custom.custom_op, got {self.op!r}")
+        object.__setattr__(self, "settings", tuple(sorted(dict(self.settings).items())))
+        _check_mode(self.op.name, self.grad)
+
+    @property
+    def prefix(self) -> str | None:  # type: ignore[override]
+        return self.op.name if self.op.params else None
+
+    def param_shapes(self, in_shape):
+        if not self.op.params:
+            return {}
+        shapes = jax.eval_shape(lambda k: self.op.init(k, tuple(in_shape), jnp.float32), jax.random.key(0))
+        return {k: shapes[k].shape for k in self.op.params}
+
+    def init_params(self, key: jax.Array, in_shape: Shape, dtype) -> dict:
+        params = self.op.init(key, tuple(in_shape), dtype)
+        if not isinstance(params, dict) or set(params) != set(self.op.params):
+            raise ValueError(f"{self.op.name}: init must return a dict with keys {', '.join(self.op.params)}, got "
+                             f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
+        return {k: jnp.asarray(params[k], dtype) for k in self.op.params}
+
+    def apply(self, params, x, *, grad, rule):
+        return self.op(x, *(params[k] for k in self.op.params), grad=self.grad or grad, **dict(self.settings))
+
+
 LAYER_TYPES: dict[str, type[Layer]] = {
     cls.type: cls for cls in (Conv, ConvReLUPool, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, Flatten, Dense)
 }
@@ -289,7 +332,7 @@ class Sequential:
         (default simpleNN's He normal, N(0, 2 / fan_in)), biases zero."""
         input_shape = _input_shape(input_shape)
         shapes = [input_shape, *self.shapes(input_shape)[:-1]]
-        specs = [(name, layer, _param_shapes(layer, shape, i))
+        specs = [(name, layer, _param_shapes(layer, shape, i), shape)
                  for i, (name, layer, shape) in enumerate(zip(self.names, self.layers, shapes)) if name]
         return _init(specs, key, jnp.dtype(dtype))
 
@@ -351,6 +394,10 @@ class Sequential:
         """A plain dict (TOML/JSON) describing the network; ``Sequential.from_config`` reverses it."""
         layers = []
         for layer in self.layers:
+            if isinstance(layer, Custom):
+                grad = {"grad": layer.grad} if layer.grad else {}
+                layers.append({"type": layer.op.name, **{k: _plain(v) for k, v in layer.settings}, **grad})
+                continue
             entry = {"type": layer.type}
             for f in dataclasses.fields(layer):
                 value = getattr(layer, f.name)
@@ -360,8 +407,11 @@ class Sequential:
         return {"name": self.name, "layers": layers}
 
     @classmethod
-    def from_config(cls, config: dict, source: str = "config") -> Sequential:
-        """Build a network from a config dict such as ``load_toml`` returns; errors name the layer index."""
+    def from_config(cls, config: dict, source: str = "config", custom_ops: dict[str, CustomOp] | None = None
+                    ) -> Sequential:
+        """Build a network from a config dict such as ``load_toml`` returns; errors name the layer index.
+        ``custom_ops`` maps the ``type`` of user layers to their ops (``jaxcnn.custom.custom_op``)."""
+        custom_ops = dict(custom_ops or {})
         layers = config.get("layers")
         if not isinstance(layers, list) or not layers:
             raise ValueError(f"{source}: expected a non-empty list of [[layers]] tables")
@@ -371,8 +421,17 @@ class Sequential:
             if not isinstance(entry, dict) or "type" not in entry:
                 raise ValueError(f"{where}: expected a table with a 'type' key, got {entry!r}")
             kind = entry["type"]
+            if kind in custom_ops:
+                settings = {k: _tuples(v) for k, v in entry.items() if k not in ("type", "grad")}
+                try:
+                    built.append(Custom(custom_ops[kind], tuple(settings.items()), entry.get("grad")))
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{where} ({kind}): {err}") from None
+                continue
             if kind not in LAYER_TYPES:
-                raise ValueError(f"{where}: unknown layer type {kind!r}; expected one of {', '.join(LAYER_TYPES)}")
+                known = [*LAYER_TYPES, *custom_ops]
+                raise ValueError(f"{where}: unknown layer type {kind!r}; expected one of {', '.join(known)} (a layer "
+                                 f"of your own: pass its op as from_config(..., custom_ops={{{kind!r}: op}}))")
             layer_cls = LAYER_TYPES[kind]
             allowed = {f.name for f in dataclasses.fields(layer_cls)}
             unknown = sorted(set(entry) - allowed - {"type"})
@@ -392,7 +451,7 @@ def _is_valid(padding) -> bool:
 
 
 def _param_shapes(layer: Layer, in_shape: Shape, index: int) -> dict[str, Shape]:
-    if layer.prefix is not None and len(in_shape) != (3 if isinstance(layer, Conv) else 1):
+    if isinstance(layer, (Conv, Dense)) and len(in_shape) != (3 if isinstance(layer, Conv) else 1):
         expected = "an image [H, W, C]" if isinstance(layer, Conv) else "a flat vector (add a Flatten layer first)"
         raise ValueError(f"layer {index} ({describe(layer)}) expects {expected}, got input of shape "
                          f"{_fmt(in_shape)}")
@@ -400,15 +459,19 @@ def _param_shapes(layer: Layer, in_shape: Shape, index: int) -> dict[str, Shape]
 
 
 def _init(specs, key: jax.Array, dtype) -> dict:
-    """Weights for ``specs`` = [(name, layer, {param: shape})]. All He-normal weights come from one normal draw
-    (on CPU every PRNG call costs a compilation of seconds); other initialisers get a key each."""
-    he = [(name, shapes["w"]) for name, layer, shapes in specs if layer.init == "he_normal"]
+    """Weights for ``specs`` = [(name, layer, {param: shape}, input shape)]. All He-normal weights come from one
+    normal draw (on CPU every PRNG call costs a compilation of seconds); other initialisers, and user layers' own
+    ``init``, get a key each."""
+    he = [(name, shapes["w"]) for name, layer, shapes, _ in specs if getattr(layer, "init", None) == "he_normal"]
     sizes = [int(np.prod(s)) for _, s in he]
     k_he, *keys = jax.random.split(key, len(specs) + 1)
     draws = jax.jit(lambda k: jax.random.normal(k, (sum(sizes),), dtype))(k_he) if sizes else None
     offsets = dict(zip([n for n, _ in he], np.cumsum([0, *sizes])))
     params = {}
-    for (name, layer, shapes), k in zip(specs, keys):
+    for (name, layer, shapes, in_shape), k in zip(specs, keys):
+        if isinstance(layer, Custom):
+            params[name] = layer.init_params(k, in_shape, dtype)
+            continue
         w_shape = shapes["w"]
         if layer.init == "he_normal":
             start = int(offsets[name])
@@ -440,7 +503,10 @@ def _tuples(value):
 
 
 def describe(layer: Layer) -> str:
-    """Short text for a layer, e.g. ``Conv(32, kernel=5, padding=2)``."""
+    """Short text for a layer, e.g. ``Conv(32, kernel=5, padding=2)``; a user layer by its op's name."""
+    if isinstance(layer, Custom):
+        grad = [f"grad={layer.grad!r}"] if layer.grad else []
+        return f"{layer.op.name}({', '.join([*(f'{k}={v!r}' for k, v in layer.settings), *grad])})"
     parts = []
     for f in dataclasses.fields(layer):
         value = getattr(layer, f.name)

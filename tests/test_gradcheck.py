@@ -41,10 +41,62 @@ def test_planted_bug_is_a_genuine_mismatch(monkeypatch):
         return dx, dw * 1.001, db
 
     monkeypatch.setattr(conv, "_im2col_backward", wrong)
-    report = preset_check("digits-cnn", activations=False)
+    report = preset_check("digits-cnn", layers=False)
     flagged = {(r.name, r.mode) for r in report.mismatches}
     assert flagged == {("conv1/w", "hand im2col"), ("conv2/w", "hand im2col")}, report.table()
     assert all(r.status == "ok" for r in report.rows if r.mode == "hand flip")
+
+
+def test_a_wrong_rule_in_a_middle_layer_is_blamed_on_that_layer_alone(monkeypatch):
+    """Issue 13: the faulty layer's row said ok while an earlier layer's output was flagged. Each layer's VJP is
+    now checked alone; a dZ bug planted in the second conv (layer 3 of digits-cnn) is named there and only there,
+    and the end-to-end gradients it spoils upstream say where they got it from."""
+    real = conv._im2col_backward
+
+    def wrong_in_conv2(window, x, w, delta, stored_phi=None):
+        dx, dw, db = real(window, x, w, delta, stored_phi)
+        return (dx * 1.01 if w.shape[3] == 64 else dx), dw, db  # conv2 alone: 32 -> 64 channels
+
+    monkeypatch.setattr(conv, "_im2col_backward", wrong_in_conv2)
+    report = preset_check("digits-cnn")
+    named = [(r.layer, r.mode) for r in report.mismatches]
+    assert named == [("layer 3 (Conv(64, padding=1))", "hand im2col")], report.table()
+    (blamed,) = report.mismatches
+    assert blamed.gradient == "x" and 0.005 < blamed.error < 0.02
+    assert all(r.status in ("ok", "kink") for r in report.layers if r is not blamed), report.table()
+    spoiled = {r.name for r in report.rows if r.status == "propagated"}
+    assert spoiled == {"conv1/w", "conv1/b", "input x"}, report.table()  # upstream of conv2's dZ, im2col only
+    assert all("from layer 3" in r.note for r in report.rows if r.status == "propagated")
+    text = report.table()
+    assert "genuine mismatches: 1: layer 3 (Conv(64, padding=1)) [hand im2col]" in text
+
+
+def test_float64_check_without_x64_computes_in_float64(recwarn):
+    """Issue 13: with jax_enable_x64 off, a float64 check silently ran in float32 and reported dozens of false
+    mismatches. The check turns x64 on for its own duration; params built while it was off are upcast."""
+    with jax.enable_x64(False):
+        net = jc.preset("digits-cnn")
+        params = net.init(jax.random.key(0), (8, 8, 1))
+        x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+        report = gradcheck.check_network(net, params, x, jnp.array([3, 7]), rules=("flip",))
+        op_report = gradcheck.check_op(jc.dense, (x.reshape(2, -1), params["dense1"]["w"][:64]), ("x", "w"))
+        assert not jax.config.jax_enable_x64  # restored
+    for r in (report, op_report):
+        assert r.dtype == "float64" and r.mismatches == [], r.table()
+        hand = [row for row in r.rows if row.mode != "autodiff"]
+        assert max(row.rel for row in hand) < 1e-12 and max(row.fd_error for row in hand) < 1e-7, r.table()
+
+
+def test_report_prints_no_uninformative_numbers():
+    """All-zero gradients have no cosine ('-', not 1.0); autodiff's rows carry only their finite-difference error."""
+    x = -jnp.ones((2, 3))  # ReLU is off everywhere: every gradient is 0
+    report = gradcheck.check_op(jc.relu, (x,), ("x",))
+    (hand,) = [r for r in report.rows if r.mode == "hand"]
+    (auto,) = [r for r in report.rows if r.mode == "autodiff"]
+    assert hand.cosine is None and hand.rel == 0 and hand.status == "ok"
+    assert auto.rel is auto.cosine is auto.max_abs is None and auto.fd_error is not None
+    line = next(line for line in report.table().splitlines() if line.startswith("x ") and "autodiff" in line)
+    assert line.split()[2:6] == ["-", "-", "-", "-"]
 
 
 def test_planted_routing_bug_in_max_pool_is_caught(monkeypatch):
@@ -66,6 +118,26 @@ def test_ties_are_reported_as_expected_not_as_mismatches():
     (hand,) = [r for r in report.rows if r.mode == "hand"]
     assert hand.status == "kink" and hand.rel > 0.1 and "first-maximum convention" in hand.note
     assert report.mismatches == []
+
+
+def test_cli_input_shape_is_chosen_and_said(capsys, tmp_path):
+    """Issue 13: --config silently assumed the digits' 8x8x1. --input-shape sets it; the output says which shape,
+    where it came from, the dtype and the input kind."""
+    config = tmp_path / "net.toml"
+    config.write_text('name = "mine"\n[[layers]]\ntype = "conv"\nfeatures = 2\nkernel = 3\n[[layers]]\n'
+                      'type = "flatten"\n[[layers]]\ntype = "dense"\nfeatures = 3\n')
+    assert cli.main(["gradcheck", "--config", str(config), "--batch", "1", "--input-shape", "5x4x2"]) == 0
+    out = capsys.readouterr().out
+    assert "input 1 x 5x4x2 (--input-shape), values: random (--input), gradients in float64" in out
+    assert "genuine mismatches: 0" in out
+    assert cli.main(["gradcheck", "--config", str(config), "--batch", "1", "--dtype", "float32"]) == 0
+    assert "input 1 x 8x8x1 (the input of dataset digits)" in capsys.readouterr().out
+    assert cli.main(["gradcheck", "--config", str(config), "--input-shape", "2x2x2"]) == 2  # kernel 3 > 2
+    assert "layer 0 (Conv(2)) does not fit its input of shape 2x2x2" in capsys.readouterr().err
+    assert cli.main(["gradcheck", "--batch", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["gradcheck", "--input-shape", "28x28"])
+    assert exit_.value.code == 2 and "expected HxWxC" in capsys.readouterr().err
 
 
 def test_relu_kinks_in_a_network_are_counted_and_expected(capsys, tmp_path):
@@ -100,6 +172,6 @@ def test_check_op_on_a_strided_dilated_conv(rule):
 
 def test_float32_and_bfloat16_reports():
     for dtype in ("float32", "bfloat16"):
-        report = preset_check("simplenn-mnist", dtype=dtype, activations=False, rules=("im2col",))
+        report = preset_check("simplenn-mnist", dtype=dtype, layers=False, rules=("im2col",))
         assert report.mismatches == [], report.table()
         assert report.dtype == dtype and report.tolerance == gradcheck.TOLERANCE[dtype]
