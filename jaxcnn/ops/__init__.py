@@ -2,23 +2,38 @@
 and ``grad="autodiff"`` (JAX differentiating the same forward pass)."""
 
 from jaxcnn.ops._windows import output_size
-from jaxcnn.ops.activation import relu, sigmoid, tanh
-from jaxcnn.ops.block import conv_relu_pool
-from jaxcnn.ops.conv import conv2d
-from jaxcnn.ops.dense import dense
-from jaxcnn.ops.loss import softmax_cross_entropy, squared_error
-from jaxcnn.ops.pool import avg_pool2d, max_pool2d
+from jaxcnn.ops.activation import relu, relu_jvp, sigmoid, sigmoid_jvp, tanh, tanh_jvp
+from jaxcnn.ops.block import conv_relu_pool, conv_relu_pool_jvp
+from jaxcnn.ops.conv import conv2d, conv2d_jvp
+from jaxcnn.ops.dense import dense, dense_jvp
+from jaxcnn.ops.loss import softmax_cross_entropy, softmax_cross_entropy_gn, squared_error, squared_error_gn
+from jaxcnn.ops.pool import avg_pool2d, avg_pool2d_jvp, max_pool2d, max_pool2d_jvp
+
+# Each op's hand tangent rule (R-op): ``JVP[op](primals, tangents, **settings) -> (out, tangent_out)``.
+JVP = {conv2d: conv2d_jvp, conv_relu_pool: conv_relu_pool_jvp, max_pool2d: max_pool2d_jvp,
+       avg_pool2d: avg_pool2d_jvp, relu: relu_jvp, sigmoid: sigmoid_jvp, tanh: tanh_jvp, dense: dense_jvp}
 
 __all__ = [
+    "JVP",
     "avg_pool2d",
+    "avg_pool2d_jvp",
     "conv2d",
+    "conv2d_jvp",
     "conv_relu_pool",
+    "conv_relu_pool_jvp",
     "dense",
+    "dense_jvp",
     "max_pool2d",
+    "max_pool2d_jvp",
     "output_size",
     "relu",
+    "relu_jvp",
     "sigmoid",
+    "sigmoid_jvp",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_gn",
     "squared_error",
+    "squared_error_gn",
     "tanh",
+    "tanh_jvp",
 ]

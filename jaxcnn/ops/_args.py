@@ -109,3 +109,32 @@ def _same(n: int, extent: int, stride: int) -> Pair:
     out = -(-n // stride)
     total = max((out - 1) * stride + extent - n, 0)
     return (total // 2, total - total // 2)
+
+
+def jvp_pairs(op: str, primals, tangents, names: tuple[str, ...]) -> tuple[tuple, tuple]:
+    """``primals`` and ``tangents`` of a ``*_jvp`` rule as two tuples of ``len(names)`` (trailing optional
+    arguments, such as a bias, filled with None)."""
+    for what, value in (("primals", primals), ("tangents", tangents)):
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{op}: {what} must be a tuple ({', '.join(names)}), got {type(value).__name__}")
+    if len(primals) != len(tangents) or not 1 <= len(primals) <= len(names):
+        raise ValueError(f"{op}: expected primals and tangents of equal length, at most {len(names)} "
+                         f"({', '.join(names)}); got {len(primals)} and {len(tangents)}")
+    pad = (None,) * (len(names) - len(primals))
+    return tuple(primals) + pad, tuple(tangents) + pad
+
+
+def tangents_match(op: str, names, primals, tangents) -> tuple:
+    """Each tangent is None (zero) or has its primal's shape (it is cast to the primal's dtype); a tangent without
+    a primal is an error."""
+    out = []
+    for name, p, t in zip(names, primals, tangents):
+        out.append(None if t is None else jnp.asarray(t, p.dtype if p is not None else None))
+        if t is None:
+            continue
+        if p is None:
+            raise ValueError(f"{op}: a tangent for {name} was given, but {name} is None")
+        if jnp.shape(t) != p.shape:
+            raise ValueError(f"{op}: the tangent of {name} must have {name}'s shape {tuple(p.shape)}, got "
+                             f"{tuple(jnp.shape(t))}")
+    return tuple(out)

@@ -27,7 +27,8 @@ def relu_forward(s: jax.Array) -> jax.Array:
 
 
 def _elementwise(name: str, forward: Callable, slope_from_output: Callable, doc: str):
-    """Build the public op ``name(x, *, grad)`` from its forward and sigma' written in terms of y = sigma(S)."""
+    """Build the public op ``name(x, *, grad)`` and its tangent rule ``name_jvp`` from its forward and sigma'
+    written in terms of y = sigma(S)."""
 
     @jax.custom_vjp
     def hand(s):
@@ -47,12 +48,22 @@ def _elementwise(name: str, forward: Callable, slope_from_output: Callable, doc:
         _args.choice(name, "grad", grad, _args.GRAD_MODES)
         return forward(x) if grad == "autodiff" else hand(x)
 
+    def op_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+        (x,), (dx,) = _args.jvp_pairs(f"{name}_jvp", primals, tangents, ("x",))
+        x = _args.array(f"{name}_jvp", "x", x)
+        (dx,) = _args.tangents_match(f"{name}_jvp", ("x",), (x,), (dx,))
+        y = forward(x)
+        return y, jnp.zeros_like(y) if dx is None else slope_from_output(y) * dx
+
     op.__name__ = op.__qualname__ = name
     op.__doc__ = doc
-    return op
+    op_jvp.__name__ = op_jvp.__qualname__ = f"{name}_jvp"
+    op_jvp.__doc__ = (f"The hand tangent rule of ``{name}``: ``(y, sigma'(S) (.) dS)`` with sigma' read from the "
+                      f"output y as in its VJP (see the module docstring), so the two are adjoint.")
+    return op, op_jvp
 
 
-relu = _elementwise(
+relu, relu_jvp = _elementwise(
     "relu", relu_forward, lambda y: (y > 0).astype(y.dtype),
     """ReLU sigma(S) = max(S, 0); hand backward Delta (.) I[y > 0] (Lin eq. 16 and 22, sigma'(0) = 0).
 
@@ -62,7 +73,7 @@ relu = _elementwise(
     """,
 )
 
-sigmoid = _elementwise(
+sigmoid, sigmoid_jvp = _elementwise(
     "sigmoid", lax.logistic, lambda y: (1 - y) * y,
     """Logistic sigmoid 1 / (1 + e^{-S}); hand backward Delta (.) (1 - y) y from the stored output y
     (Sadeghzadeh, "PyTorch sigmoid layer").
@@ -73,7 +84,7 @@ sigmoid = _elementwise(
     """,
 )
 
-tanh = _elementwise(
+tanh, tanh_jvp = _elementwise(
     "tanh", jnp.tanh, lambda y: (1 - y) * (1 + y),  # = 1 - y^2; 1 - y is exact near |y| = 1 (bfloat16)
     """Hyperbolic tangent; hand backward Delta (.) (1 - y^2) from the stored output y.
 

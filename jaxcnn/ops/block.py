@@ -26,7 +26,7 @@ import jax
 from jaxcnn.ops import _args, conv
 from jaxcnn.ops._windows import Window
 from jaxcnn.ops.activation import relu_forward
-from jaxcnn.ops.pool import max_forward, max_with_index, route
+from jaxcnn.ops.pool import max_forward, max_with_index, pick, route
 
 
 def conv_relu_pool(
@@ -61,6 +61,28 @@ def conv_relu_pool(
     if grad == "autodiff":
         return forward(window, pool_window, store_phi, x, w, b)
     return _block_hand(rule, window, pool_window, store_phi, x, w, b)
+
+
+def conv_relu_pool_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation=1, pool=2,
+                       rule: str | None = None, store_phi: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """The hand tangent rule of the fused block, Lin eq. (24) applied to tangents::
+
+        dS          = W phi(pad(dZ^m)) + dW phi(pad(Z^m)) + db 1^T      (conv2d_jvp)
+        dZ^{m+1}    = I[Z^{m+1}] (.) mat(P_pool vec(dS))
+
+    The ReLU mask is read from the pooled output, as in the VJP: the first maximum of a window passed the ReLU
+    exactly when the window's output is > 0. Settings as ``conv_relu_pool``.
+    """
+    op = "conv_relu_pool_jvp"
+    (x, w, b), (dx, dw, db) = _args.jvp_pairs(op, primals, tangents, ("x", "w", "b"))
+    x, w, b, window = conv.check(op, x, w, b, stride, padding, dilation)
+    pool_window = pool_geometry(op, pool)
+    conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
+    rule, store_phi = conv.resolve(op, rule, store_phi)
+    dx, dw, db = _args.tangents_match(op, ("x", "w", "b"), (x, w, b), (dx, dw, db))
+    s, ds = conv.tangent(rule, window, store_phi, x, w, b, dx, dw, db)
+    z_next, index = max_with_index(pool_window, relu_forward(s))
+    return z_next, (z_next > 0) * pick(pool_window, index, ds)  # eq. (24): I[Z^{m+1}] (.) P_pool vec(dS)
 
 
 def pool_geometry(op: str, pool) -> Window:

@@ -159,9 +159,52 @@ def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.
         s = jnp.matmul(p, w.reshape(-1, w.shape[3]))
     else:
         p = None
-        s = lax.conv_general_dilated(x, w, window.stride, window.padding, rhs_dilation=window.dilation,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        s = correlate(window, x, w)
     return (s if b is None else s + b), p
+
+
+def correlate(window: Window, x: jax.Array, w: jax.Array) -> jax.Array:
+    """W phi(pad(Z)) as XLA's convolution (cuDNN on GPUs), without bias."""
+    return lax.conv_general_dilated(x, w, window.stride, window.padding, rhs_dilation=window.dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv2d_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation=1, rule: str | None = None,
+               store_phi: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """The hand tangent rule (R-op) of ``conv2d``: ``(S, dS)`` for primals ``(x, w[, b])`` and tangents of the same
+    structure (``None`` for a zero tangent), as ``jax.jvp`` returns them.
+
+    Lin eq. (3) is bilinear in (Z, W), so its differential is::
+
+        dS = W phi(pad(dZ)) + dW phi(pad(Z)) + db 1^T
+
+    ``rule="im2col"`` computes both products on phi(pad(.)) (reusing phi(pad(Z)) when the forward stored it);
+    ``rule="flip"`` as the correlations W (*) dZ and dW (*) Z, the forward's own convolution (Ray's form).
+    Settings as ``conv2d``.
+    """
+    (x, w, b), (dx, dw, db) = _args.jvp_pairs("conv2d_jvp", primals, tangents, ("x", "w", "b"))
+    x, w, b, window = check("conv2d_jvp", x, w, b, stride, padding, dilation)
+    rule, store_phi = resolve("conv2d_jvp", rule, store_phi)
+    dx, dw, db = _args.tangents_match("conv2d_jvp", ("x", "w", "b"), (x, w, b), (dx, dw, db))
+    return tangent(rule, window, store_phi, x, w, b, dx, dw, db)
+
+
+def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db) -> tuple[jax.Array, jax.Array]:
+    """(S, dS) by the chosen rule (see ``conv2d_jvp``); a None tangent is zero and costs nothing."""
+    s, p = forward(window, store_phi, x, w, b)
+    terms = []
+    if rule == "im2col":
+        if dx is not None:
+            terms.append(jnp.matmul(phi(window, dx), w.reshape(-1, w.shape[3])))  # W phi(pad(dZ))
+        if dw is not None:
+            p = phi(window, x) if p is None else p
+            terms.append(jnp.matmul(p, dw.reshape(-1, dw.shape[3])))  # dW phi(pad(Z))
+    else:
+        terms += [correlate(window, dx, w)] if dx is not None else []
+        terms += [correlate(window, x, dw)] if dw is not None else []
+    if db is not None:
+        terms.append(jnp.broadcast_to(db, s.shape))  # db 1^T
+    return s, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(s)
 
 
 def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, stored_phi=None):

@@ -44,6 +44,17 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, grad: str =
     return _dense_hand(x, w, b)
 
 
+def dense_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    """The hand tangent rule of ``dense``: s = W z + b is bilinear, so ds = W dz + dW z + db (``dx @ w + x @ dw +
+    db`` in our rows), simpleNN's R-op of a fully connected layer."""
+    (x, w, b), (dx, dw, db) = _args.jvp_pairs("dense_jvp", primals, tangents, ("x", "w", "b"))
+    s = dense(x, w, b, grad="autodiff")  # checks the arguments
+    dx, dw, db = _args.tangents_match("dense_jvp", ("x", "w", "b"), (x, w, b), (dx, dw, db))
+    terms = [t for t in (None if dx is None else jnp.matmul(dx, w), None if dw is None else jnp.matmul(x, dw),
+                         None if db is None else jnp.broadcast_to(db, s.shape)) if t is not None]
+    return s, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(s)
+
+
 def forward(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
     s = jnp.matmul(x, w)
     return s if b is None else s + b

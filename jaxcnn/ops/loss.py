@@ -5,6 +5,8 @@
                            p = softmax(z)
 
 Both return the mean over the batch, (1/N) sum_i xi_i (the data term of Lin eq. 1), so their gradients carry 1/N.
+``squared_error_gn`` and ``softmax_cross_entropy_gn`` multiply by one example's Hessian B = d^2 xi / dz^2, the middle
+factor of the Gauss-Newton matrix J^T B J (simpleNN's Newton method).
 Targets ``y`` may be integer class labels [N] (turned into one-hot rows) or float rows [N, K]. Half-precision
 inputs are evaluated in float32 and the loss is returned in float32; gradients come back in the input dtypes.
 
@@ -48,6 +50,20 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, grad: str = "
     """
     z, y = _inputs("softmax_cross_entropy", ("logits", logits), ("labels", labels), grad)
     return cross_entropy_forward(z, y) if grad == "autodiff" else _cross_entropy(z, y)
+
+
+def squared_error_gn(z: jax.Array, u: jax.Array) -> jax.Array:
+    """B u, row by row, for the Gauss-Newton matrix J^T B J: B = d^2 xi / dz^2 = 2I for one example's
+    xi = ||z - y||^2 (Lin; simpleNN's ``BJv = 2*Jv``). ``z``, ``u``: [N, K]."""
+    return 2 * jnp.asarray(u)
+
+
+def softmax_cross_entropy_gn(z: jax.Array, u: jax.Array) -> jax.Array:
+    """B u, row by row, for one example's xi = -sum_j y_j log p_j: B = d^2 xi / dz^2 = diag(p) - p p^T with
+    p = softmax(z) (for one-hot or probability rows y; the Jacobian of p - y, Sadeghzadeh). ``z``, ``u``: [N, K]."""
+    ct = _compute_dtype(z, u)
+    p, u32 = softmax(jnp.asarray(z).astype(ct)), jnp.asarray(u).astype(ct)
+    return (p * u32 - p * jnp.sum(p * u32, axis=-1, keepdims=True)).astype(jnp.result_type(u))
 
 
 def _inputs(op: str, z_arg, y_arg, grad: str) -> tuple[jax.Array, jax.Array]:

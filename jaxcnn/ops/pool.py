@@ -158,6 +158,37 @@ def route(win: Window, index: jax.Array, delta: jax.Array, in_hw) -> jax.Array:
     return unpatches(cols, win, in_hw)
 
 
+def pick(win: Window, index: jax.Array, dx: jax.Array) -> jax.Array:
+    """P_pool vec(dZ): the entry of ``dx`` at each window's stored first maximum (the transpose of ``route``)."""
+    if _tiles(win):
+        chosen = _offsets(win, index.dtype) == _spread(index)
+        return jnp.where(chosen, _tiled(win, dx), jnp.zeros((), dx.dtype)).sum(axis=(2, 4))
+    w = _windows(win, dx, 0.0)
+    flat = w.reshape(*w.shape[:3], len(win.offsets()), w.shape[5])
+    return jnp.take_along_axis(flat, index[:, :, :, None, :].astype(jnp.int32), axis=3)[:, :, :, 0]
+
+
+def max_pool2d_jvp(primals: tuple, tangents: tuple, window=2, stride=None, padding="VALID"):
+    """The hand tangent rule of ``max_pool2d``: ``(Z^{m+1}, P_pool vec(dZ))``, the tangent read at each window's
+    first maximum, the P_pool of the forward pass (Lin eq. 3 differentiated: P_pool is constant where the max is
+    differentiable). At a tied window it takes the first maximum's tangent, as the hand VJP routes Delta there, so
+    the two stay adjoint; autodiff's tangent averages the tied entries' instead. Settings as ``max_pool2d``."""
+    (x,), (dx,) = _args.jvp_pairs("max_pool2d_jvp", primals, tangents, ("x",))
+    x, win = check("max_pool2d_jvp", x, window, stride, padding)
+    (dx,) = _args.tangents_match("max_pool2d_jvp", ("x",), (x,), (dx,))
+    z, index = max_with_index(win, x)
+    return z, jnp.zeros_like(z) if dx is None else pick(win, index, dx)
+
+
+def avg_pool2d_jvp(primals: tuple, tangents: tuple, window=2, stride=None, padding="VALID"):
+    """The hand tangent rule of ``avg_pool2d``: A_AvgPool is linear, so dZ^{m+1} = A_AvgPool vec(dZ)."""
+    (x,), (dx,) = _args.jvp_pairs("avg_pool2d_jvp", primals, tangents, ("x",))
+    x, win = check("avg_pool2d_jvp", x, window, stride, padding)
+    (dx,) = _args.tangents_match("avg_pool2d_jvp", ("x",), (x,), (dx,))
+    z = avg_forward(win, x)
+    return z, jnp.zeros_like(z) if dx is None else avg_forward(win, dx)
+
+
 def avg_forward(win: Window, x: jax.Array) -> jax.Array:
     """The one forward pass of average pooling: the sum of each window over K."""
     if _tiles(win):

@@ -1,0 +1,75 @@
+"""Network-level second order on the hand rules: J v, J^T u and simpleNN's Gauss-Newton product G v."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jaxcnn as jc
+from jaxcnn import second_order
+from tests.helpers import assert_close
+
+SMALL = {"digits-cnn": (8, 8, 1), "simplenn-mnist": (12, 12, 1), "lenet5": (16, 16, 1)}
+
+
+def setup(name, shape, batch=3, dtype=jnp.float64, seed=0):
+    net = jc.preset(name)
+    params = net.init(jax.random.key(seed), shape, dtype=dtype)
+    keys = jax.random.split(jax.random.key(seed + 1), 3)
+    x = jax.random.normal(keys[0], (batch, *shape), dtype)
+    flat, unravel = ravel_pytree(params)
+    v = unravel(jax.random.normal(keys[1], flat.shape, dtype))
+    return net, params, x, v
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_network_jv_equals_jvp_of_autodiff_and_is_adjoint_to_the_hand_vjp(name):
+    net, params, x, v = setup(name, SMALL[name])
+    fused = net.fuse()
+
+    @jax.jit
+    def run(params, x, v):
+        z, jv = second_order.jvp(net, params, x, v)
+        _, jv_fused = second_order.jvp(fused, params, x, v, rule="flip")
+        z_ad, jv_ad = second_order.jvp(net, params, x, v, grad="autodiff")
+        u = jnp.sin(jnp.arange(z.size, dtype=z.dtype).reshape(z.shape))
+        jtu = second_order.vjp(net, params, x, u)
+        return z, jv, jv_fused, z_ad, jv_ad, jnp.vdot(u, jv), ravel_pytree(jtu)[0] @ ravel_pytree(v)[0]
+
+    z, jv, jv_fused, z_ad, jv_ad, u_jv, jtu_v = run(params, x, v)
+    assert_close(z, z_ad, jnp.float64, f"{name} output")
+    assert_close(jv, jv_ad, jnp.float64, f"{name} Jv")
+    assert_close(jv_fused, jv_ad, jnp.float64, f"{name} fused Jv")
+    assert abs(float(u_jv - jtu_v)) <= 1e-12 * abs(float(u_jv)), (float(u_jv), float(jtu_v))
+
+
+@pytest.mark.parametrize("loss", ["squared", "ce"])
+def test_gauss_newton_product_equals_the_explicit_matrix(loss):
+    """G v against G = (lambda + 1/C) I + (1/|S|) sum_i J_i^T B_i J_i built from jax.jacfwd of the autodiff network
+    and jax.hessian of each example's loss, on a tiny network; in segments of 2 over 5 examples (the last padded)
+    and in one."""
+    net = jc.Sequential([jc.Conv(2, 3), jc.ReLU(), jc.MaxPool(2), jc.Flatten(), jc.Dense(3)])
+    params = net.init(jax.random.key(0), (6, 6, 1), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (5, 6, 6, 1), jnp.float64)
+    theta, unravel = ravel_pytree(params)
+    v = jax.random.normal(jax.random.key(2), theta.shape, jnp.float64)
+    C, damping = 0.5, 0.3
+    xi = {"squared": lambda z: jnp.sum((z - 1.0) ** 2), "ce": lambda z: -jax.nn.log_softmax(z)[1]}[loss]
+    G = (damping + 1 / C) * jnp.eye(theta.size)
+    for i in range(5):
+        J = jax.jacfwd(lambda t, i=i: net.apply(unravel(t), x[i:i + 1], grad="autodiff")[0])(theta)
+        B = jax.hessian(xi)(net.apply(params, x[i:i + 1], grad="autodiff")[0])
+        G = G + J.T @ B @ J / 5
+    for batch_size in (2, None):
+        gv = second_order.gauss_newton_product(net, params, x, unravel(v), loss=loss, C=C, damping=damping,
+                                               batch_size=batch_size)
+        np.testing.assert_allclose(ravel_pytree(gv)[0], G @ v, rtol=1e-11, atol=1e-13)
+
+
+def test_bad_segment_size_is_refused():
+    net, params, x, v = setup("digits-cnn", (8, 8, 1), batch=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        second_order.gauss_newton_product(net, params, x, v, batch_size=0)
+    with pytest.raises(ValueError, match="C must be > 0"):
+        second_order.gauss_newton_product(net, params, x, v, C=-1.0)
