@@ -68,8 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, metavar="LR", help="learning rate")
     t.add_argument("--momentum", type=float, help="for --optimizer momentum (default 0.9)")
     t.add_argument("--schedule", choices=train.SCHEDULES, help="learning-rate schedule (default constant)")
-    t.add_argument("--loss", choices=["ce", "squared"], help="softmax cross-entropy or Lin's squared loss")
-    t.add_argument("--C", type=float, help="regularisation: f = ||theta||^2 / (2C) + mean loss (default: off)")
+    t.add_argument("--loss", choices=["ce", "squared"],
+                   help="softmax cross-entropy or Lin's squared loss (default ce; squared with --optimizer newton)")
+    t.add_argument("--iterations", type=int, metavar="N",
+                   help="--optimizer newton: Newton iterations, each a full pass (default 100)")
+    t.add_argument("--gn-fraction", type=float, metavar="F",
+                   help="--optimizer newton: share of the training set in each Gauss-Newton subsample, in (0, 1] "
+                        "(default 0.05)")
+    t.add_argument("--cg-tol", type=float, metavar="T",
+                   help="--optimizer newton: CG stops at ||r|| <= T ||g|| (default 0.1) ...")
+    t.add_argument("--cg-max", type=int, metavar="N", help="... or after N CG iterations (default 250)")
+    t.add_argument("--damping", type=float, metavar="LAMBDA",
+                   help="--optimizer newton: Levenberg-Marquardt's lambda at the start (default 1)")
+    t.add_argument("--C", type=float, help="regularisation: f = ||theta||^2 / (2C) + mean loss (default: off; "
+                   "0.01 x training examples with --optimizer newton)")
     t.add_argument("--grad", choices=["hand", "autodiff"], help="gradient mode of every layer (default hand)")
     t.add_argument("--rule", choices=["im2col", "flip"],
                    help="hand rule of the convolutions (default: the backend's faster: im2col on CPU, flip on GPU/TPU)")
@@ -163,7 +175,10 @@ def resolve(args: argparse.Namespace) -> tuple[network.Sequential, train.TrainCo
     recipe = dict(config.get("train", {}))
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(train.TrainConfig)
              if getattr(args, f.name, None) is not None}
-    cfg = train.TrainConfig.from_dict({**recipe, **flags}, source=f"{args.config or 'preset ' + name} [train]")
+    values = {**recipe, **flags}
+    if values.get("optimizer") == "newton" and "loss" not in values:
+        values["loss"] = "squared"  # simpleNN's Newton method minimises the squared loss
+    cfg = train.TrainConfig.from_dict(values, source=f"{args.config or 'preset ' + name} [train]")
     return (net.fuse() if args.fuse else net), cfg, name
 
 

@@ -36,7 +36,7 @@ from jaxcnn.network import Sequential, describe
 from jaxcnn.ops import _args
 from jaxcnn.ops.conv import resolve as resolve_rule
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "newton")
 SCHEDULES = ("constant", "cosine", "step")
 
 
@@ -59,6 +59,12 @@ class TrainConfig:
     rule: str | None = None  # None: the backend's faster rule (conv2d's default)
     seed: int = 0
     val_fraction: float = 0.1
+    # optimizer = "newton" (simpleNN's Newton method, jaxcnn.newton): iterations instead of epochs
+    iterations: int = 100
+    gn_fraction: float = 0.05  # share of the training set in each Gauss-Newton subsample
+    cg_tol: float = 0.1  # CG stops at ||r|| <= cg_tol ||g|| ...
+    cg_max: int = 250  # ... or after cg_max iterations
+    damping: float = 1.0  # Levenberg-Marquardt's lambda at the start
 
     def __post_init__(self):
         if self.dataset not in datasets.DATASETS:
@@ -79,6 +85,18 @@ class TrainConfig:
             raise ValueError(f"train: momentum must be in [0, 1), got {self.momentum!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"train: val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        for name in ("iterations", "cg_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train: {name} must be a positive int, got {value!r}")
+        checks = {"gn_fraction": (lambda v: 0 < v <= 1, "in (0, 1] (the share of the training set in each "
+                                  "Gauss-Newton subsample)"),
+                  "cg_tol": (lambda v: 0 < v < 1, "in (0, 1) (CG stops at ||r|| <= cg_tol ||g||)"),
+                  "damping": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0 (lambda)")}
+        for name, (ok, expected) in checks.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"train: {name} must be {expected}, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "[train]") -> TrainConfig:
@@ -184,6 +202,10 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     from tqdm import tqdm
 
     _args.choice("fit", "on_nan", on_nan, ("stop", "skip"))
+    if cfg.optimizer == "newton":
+        from jaxcnn import newton
+
+        return newton.fit(net, prep, cfg, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, devices=devices)
     check_network(net, prep.input_shape, prep.classes)
     n, batch = len(prep.x_fit), cfg.batch_size
     if batch > n:
@@ -414,6 +436,13 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
         f"{len(prep.x_test)} test images {'x'.join(map(str, prep.input_shape))}; "
         f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={rule}; "
         f"{mesh.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
+    if cfg.optimizer == "newton":
+        from jaxcnn.newton import objective_c
+
+        log(f"newton: {cfg.iterations} iterations, loss {cfg.loss}, C = {objective_c(cfg, len(prep.x_fit)):g}"
+            f"{'' if cfg.C is not None else ' (0.01 l, simpleNN)'}, Gauss-Newton subsample "
+            f"{math.ceil(cfg.gn_fraction * len(prep.x_fit))} examples, CG to {cfg.cg_tol:g} ||g|| or "
+            f"{cfg.cg_max} iterations, lambda from {cfg.damping:g}")
     meta = {"recipe": recipe, "dataset": prep.name, "classes": prep.classes,
             "input_shape": list(prep.input_shape), "train": dataclasses.asdict(cfg)}
     history: list[dict] = list(resume_from[1]["position"]["history"]) if resume_from else []
@@ -427,6 +456,12 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
             save_model(out / "model.safetensors", net, best_params, prep.mean, {**meta, "epoch": record["epoch"]})
         val = (f"  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}"
                if "val_loss" in record else "")
+        if "cg_iterations" in record:  # a Newton iteration
+            log(f"iter {record['iteration']:>3}/{cfg.iterations}  f {record['train_objective']:.5g}  "
+                f"|g| {record['gradient_norm']:.2e}  CG {record['cg_iterations']:>3}  lambda {record['lambda']:.3g}  "
+                f"step {record['step_size']:.3g}  train acc {record['train_accuracy']:.2%}{val}  "
+                f"{record['seconds']:.1f}s{'  *' if improved else ''}")
+            return
         skipped = f"  ({record['skipped_steps']} steps skipped)" if record["skipped_steps"] else ""
         log(f"epoch {record['epoch']:>3}/{cfg.epochs}  train f {record['train_objective']:.4f} "
             f"acc {record['train_accuracy']:.2%}{val}  {record['seconds']:.1f}s{'  *' if improved else ''}{skipped}")
@@ -474,8 +509,11 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
     cfg = TrainConfig(**meta["train"])
     net = Sequential.from_config(meta["network"], source=str(path))
     position = meta["position"]
-    log(f"resuming {out} from {path.name}: epoch {position['epoch']}, {position['step']} of "
-        f"{meta['steps_per_epoch']} steps done")
+    if cfg.optimizer == "newton":
+        log(f"resuming {out} from {path.name}: Newton iteration {position['epoch']} of {cfg.iterations} next")
+    else:
+        log(f"resuming {out} from {path.name}: epoch {position['epoch']}, {position['step']} of "
+            f"{meta['steps_per_epoch']} steps done")
     return run(net, cfg, out, recipe=meta["recipe"], progress=progress, log=log,
                checkpoint_every=meta["checkpoint_every"], on_nan=meta["on_nan"], keep=meta["keep"],
                resume_from=(arrays, meta), devices=devices)

@@ -49,15 +49,15 @@ def cases(dtype):
     ]
 
 
-def check(op, primals, settings, dtype, what):
+def check(op, primals, kwargs, dtype, what):
     """Jv against jax.jvp of the autodiff twin; in float64 also <u, Jv> = <J^T u, v>."""
     tangents = tuple(normal(rng, p.shape, dtype) for p in primals)
-    hand_settings = {k: v for k, v in settings.items() if k not in ("rule", "store_phi")}
-    rule_settings = {k: v for k, v in settings.items() if k in ("rule", "store_phi")}
+    hand_settings = {k: v for k, v in kwargs.items() if k not in ("rule", "store_phi")}
+    rule_settings = {k: v for k, v in kwargs.items() if k in ("rule", "store_phi")}
 
     @jax.jit
     def run(primals, tangents):
-        y, jv = ops.JVP[op](primals, tangents, **settings)
+        y, jv = ops.JVP[op](primals, tangents, **kwargs)
         y_ad, jv_ad = jax.jvp(lambda *a: op(*a, **hand_settings, **rule_settings, grad="autodiff"), primals,
                               tangents)
         u = jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))  # a fixed, dense cotangent
@@ -75,15 +75,15 @@ def check(op, primals, settings, dtype, what):
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_every_tangent_rule_equals_jvp_of_autodiff_and_is_adjoint_to_the_hand_vjp(dtype):
     found = set()
-    for name, op, primals, settings in cases(dtype):
-        check(op, primals, settings, dtype, f"{name} {dtype.__name__}")
+    for name, op, primals, kwargs in cases(dtype):
+        check(op, primals, kwargs, dtype, f"{name} {dtype.__name__}")
         found.add(op)
     assert found == set(ops.JVP)
 
 
 def test_zero_tangents_may_be_none():
     x, w, b = normal(rng, (1, 4, 4, 2), jnp.float64), normal(rng, (3, 3, 2, 3), jnp.float64), jnp.ones(3)
-    s, ds = jc.ops.conv2d_jvp((x, w, b), (None, jnp.ones_like(w), None), padding=1)
+    _, ds = jc.ops.conv2d_jvp((x, w, b), (None, jnp.ones_like(w), None), padding=1)
     _, ds_ad = jax.jvp(lambda w: jc.conv2d(x, w, b, padding=1, grad="autodiff"), (w,), (jnp.ones_like(w),))
     assert_close(ds, ds_ad, jnp.float64, "conv2d Jv with dx = db = 0")
     assert jnp.all(jc.ops.relu_jvp((x,), (None,))[1] == 0)
@@ -131,7 +131,7 @@ def test_windowed_tangents_on_every_geometry_class(geometry_class, data):
 
 @pytest.mark.parametrize("loss,gn", [(jc.squared_error, jc.ops.squared_error_gn),
                                      (jc.softmax_cross_entropy, jc.ops.softmax_cross_entropy_gn)])
-def test_gauss_newton_B_is_each_examples_hessian(loss, gn):
+def test_gauss_newton_b_is_each_examples_hessian(loss, gn):
     """B u = d^2 xi_i / dz_i^2 u_i for every example: 2I (squared), diag(p) - p p^T (cross-entropy)."""
     z, u = normal(rng, (4, 5), jnp.float64) * 3, normal(rng, (4, 5), jnp.float64)
     labels = jnp.array([0, 4, 2, 2])

@@ -1,0 +1,213 @@
+r"""simpleNN's Newton method on the hand rules: subsampled Gauss-Newton, conjugate gradient, Levenberg-Marquardt.
+
+Each iteration k minimises Lin's objective f(theta) = ||theta||^2 / (2C) + (1/l) sum_i xi_i (eq. 1-2) by
+
+1. the full objective f and gradient g over the l training examples (the hand VJPs, in segments);
+2. the direction s solving (G_k + lambda I) s = -g by conjugate gradient, G_k = (1/C) I + (1/|S_k|) sum J^T B J
+   over the subsample S_k (``jaxcnn.second_order``: J v by the hand tangent rules, J^T u by the hand VJPs), stopped
+   at ||r|| <= cg_tol ||g|| or cg_max iterations;
+3. a backtracking line search: alpha = 1, 1/2, 1/4, ... until f(theta + alpha s) - f <= eta alpha g^T s (eta 1e-4);
+4. the Levenberg-Marquardt update of lambda from rho = actual / predicted reduction, the prediction being
+   alpha g^T s + alpha^2 / 2 s^T G_k s: lambda *= 3/2 if rho < 1/4, lambda *= 2/3 if rho >= 3/4.
+
+The subsamples S_k (``gn_fraction`` of the training set) are the consecutive parts of one random permutation, taken
+in turn; a new permutation (seeded by the seed and the sweep) once all parts are used; the last part is filled up
+from the permutation's start, so every S_k has the same size (simpleNN's ``assign_inst_idx``). Everything random
+is a function of the seed and k, so a resumed run continues exactly.
+
+The defaults are simpleNN's: squared loss, C = 0.01 l, lambda_0 = 1, |S_k| = 5% of l, cg_tol 0.1, cg_max 250.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from jaxcnn import objective as obj
+from jaxcnn import second_order
+from jaxcnn.network import Sequential
+
+ETA, BOOST, DROP, MAX_HALVINGS = 1e-4, 1.5, 2.0 / 3.0, 30
+
+
+def objective_c(cfg, examples: int) -> float:
+    """The C of Lin's eq. (1): the recipe's, else simpleNN's default 0.01 l."""
+    return cfg.C if cfg.C is not None else 0.01 * examples
+
+
+def subsample(seed: int, k: int, examples: int, fraction: float) -> np.ndarray:
+    """The indices of S_k (k = 1, 2, ...): part (k - 1) mod P of the permutation of sweep (k - 1) div P, P the
+    number of parts (see the module docstring)."""
+    size = max(1, math.ceil(fraction * examples))
+    parts = math.ceil(examples / size)
+    sweep, part = divmod(k - 1, parts)
+    order = np.random.default_rng([seed, 7919, sweep]).permutation(examples)
+    order = np.concatenate([order, order[:size]])
+    return order[part * size:(part + 1) * size]
+
+
+def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: float):
+    """The jitted pieces of an iteration: ``value_grad(theta) -> (f, g, correct)`` and ``value(theta) -> f`` over
+    the training set, and ``cg(theta, g, lam, x_sub) -> (s, iterations, g^T s, s^T G s)``; theta is flat."""
+    examples, size = x_fit.shape[0], min(cfg.batch_size, x_fit.shape[0])
+    segments = -(-examples // size)
+    pad = segments * size - examples
+    xs = jnp.concatenate([x_fit, jnp.zeros((pad, *x_fit.shape[1:]), x_fit.dtype)]).reshape(segments, size,
+                                                                                           *x_fit.shape[1:])
+    ys = jnp.concatenate([y_fit, jnp.zeros(pad, y_fit.dtype)]).reshape(segments, size)
+    ws = (jnp.arange(segments * size) < examples).reshape(segments, size)
+
+    def data_term(params):
+        """sum_i xi_i and the number of correct predictions, segment by segment."""
+        def segment(args):
+            x, y, w = args
+            logits = net.apply(params, x, grad=cfg.grad, rule=cfg.rule)
+            xi = obj.per_example_loss(logits, y, cfg.loss)
+            return jnp.sum(jnp.where(w, xi, 0.0)), jnp.sum((jnp.argmax(logits, -1) == y) & w)
+
+        sums, correct = lax.map(segment, (xs, ys, ws))
+        return sums.sum(), correct.sum()
+
+    def f_and_correct(theta, unravel):
+        params = unravel(theta)
+        total, correct = data_term(params)
+        return total / examples + jnp.vdot(theta, theta) / (2 * C), correct
+
+    def build(template):
+        _, unravel = ravel_pytree(template)
+
+        @jax.jit
+        def value_grad(theta):
+            (f, correct), g = jax.value_and_grad(f_and_correct, has_aux=True)(theta, unravel)
+            return f, g, correct
+
+        @jax.jit
+        def value(theta):
+            return f_and_correct(theta, unravel)[0]
+
+        @jax.jit
+        def cg(theta, g, lam, x_sub):
+            params = unravel(theta)
+
+            def gv(v):  # (lambda + 1/C) v + (1/|S|) J^T B J v
+                product = second_order.gauss_newton_product(
+                    net, params, x_sub, unravel(v), loss=cfg.loss, C=C, damping=lam, batch_size=cfg.batch_size,
+                    grad=cfg.grad, rule=cfg.rule)
+                return ravel_pytree(product)[0]
+
+            tol = cfg.cg_tol * jnp.linalg.norm(g)
+
+            def go_on(state):
+                *_, r2, k = state
+                return (jnp.sqrt(r2) > tol) & (k < cfg.cg_max)
+
+            def step(state):
+                s, r, d, r2, k = state
+                gd = gv(d)
+                alpha = r2 / jnp.vdot(d, gd)
+                s, r = s + alpha * d, r - alpha * gd
+                r2_new = jnp.vdot(r, r)
+                return s, r, r + (r2_new / r2) * d, r2_new, k + 1
+
+            zero = jnp.zeros_like(g)
+            s, r, _, _, k = lax.while_loop(go_on, step, (zero, -g, -g, jnp.vdot(g, g), 0))
+            # G s = -g - r, so s^T G s without lambda (the model's curvature) is s^T (-g - r - lambda s)
+            return s, k, jnp.vdot(g, s), jnp.vdot(s, -g - r - lam * s)
+
+        return value_grad, value, cg, unravel
+
+    return build
+
+
+def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, progress: bool = False,
+        checkpoint: Callable | None = None, checkpoint_every: int = 0, resume: tuple | None = None,
+        on_nan: str = "stop", devices: int | None = None):
+    """``train.fit`` for ``cfg.optimizer == "newton"``: ``cfg.iterations`` Newton iterations (see the module
+    docstring). ``on_epoch(record, best_params, improved)`` after every iteration; ``checkpoint(state)`` after every
+    iteration (each is a full pass over the data, so always). A non-finite objective or gradient at the current
+    point stops the run (NonFiniteError, whatever ``on_nan`` says: no Newton step can skip it); a non-finite trial
+    point in the line search is rejected like an insufficient decrease."""
+    from jaxcnn import train
+
+    if devices not in (None, 1) and len(jax.local_devices()) > 1:
+        raise ValueError("the newton optimizer runs on one device for now (--devices 1); the Gauss-Newton product "
+                         "itself can be data-parallel (jaxcnn.second_order.gauss_newton_product(axis_name=...))")
+    train.check_network(net, prep.input_shape, prep.classes)
+    examples = len(prep.x_fit)
+    C = objective_c(cfg, examples)
+    x_fit, y_fit = jnp.asarray(prep.x_fit), jnp.asarray(prep.y_fit)
+    params = net.init(jax.random.key(cfg.seed), prep.input_shape)
+    value_grad, value, cg, unravel = make_functions(net, cfg, x_fit, y_fit, C)(params)
+    evaluate = train.make_evaluator(net, cfg, max(len(prep.x_val), len(prep.x_test)))
+    theta = ravel_pytree(params)[0]
+    k, lam, history, best_key, best_epoch, best_params = 1, float(cfg.damping), [], None, 0, None
+    if resume is not None:
+        arrays, meta = resume
+        if not np.array_equal(arrays["preprocess"]["mean"], prep.mean):
+            raise ValueError("the training data differ from those this run started with (another mean image): "
+                             "resume with the same dataset and --data-dir")
+        theta = jnp.asarray(ravel_pytree(arrays["params"])[0], theta.dtype)
+        pos = meta["position"]
+        k, lam, history, best_key, best_epoch = pos["epoch"], pos["damping"], pos["history"], pos["best_key"], \
+            pos["best_epoch"]
+        best_params = arrays.get("best") or None
+    f, g, _ = value_grad(theta)
+    while k <= cfg.iterations:
+        start = time.perf_counter()
+        if not (np.isfinite(float(f)) and bool(jnp.all(jnp.isfinite(g)))):
+            raise train.NonFiniteError(f"newton iteration {k}: the objective or gradient is not finite at the "
+                                       f"current point (f = {float(f)}); lower --damping's start or set --C")
+        x_sub = x_fit[subsample(cfg.seed, k, examples, cfg.gn_fraction)]
+        s, cg_iterations, gs, sGs = cg(theta, g, jnp.asarray(lam, theta.dtype), x_sub)
+        alpha, f_old = 1.0, f
+        for _ in range(MAX_HALVINGS):
+            f_new = value(theta + alpha * s)
+            if np.isfinite(float(f_new)) and float(f_new) - float(f_old) <= ETA * alpha * float(gs):
+                break
+            alpha /= 2
+        else:
+            raise train.NonFiniteError(f"newton iteration {k}: no sufficient decrease after {MAX_HALVINGS} halvings "
+                                       f"of the step (g^T s = {float(gs):.3e}); the direction is not a descent one")
+        actual, predicted = float(f_new) - float(f_old), alpha * float(gs) + 0.5 * alpha**2 * float(sGs)
+        ratio = actual / predicted if predicted != 0 else 1.0
+        lam = lam * BOOST if ratio < 0.25 else lam * DROP if ratio >= 0.75 else lam
+        theta = theta + alpha * s
+        f, g, correct = value_grad(theta)
+        params = unravel(theta)
+        record = {"epoch": k, "iteration": k, "train_objective": float(f), "train_accuracy": int(correct) / examples,
+                  "gradient_norm": float(jnp.linalg.norm(g)), "cg_iterations": int(cg_iterations), "lambda": lam,
+                  "step_size": alpha, "ratio": ratio, "skipped_steps": 0}
+        if len(prep.x_val):
+            val = evaluate(params, prep.x_val, prep.y_val)
+            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            key = [val["accuracy"], -val["loss"]]
+        else:
+            key = [k]
+        record["seconds"] = time.perf_counter() - start
+        improved = best_key is None or key > best_key
+        if improved:
+            best_key, best_epoch, best_params = key, k, jax.device_get(params)
+        history.append(record)
+        k += 1
+        if checkpoint is not None:
+            position = {"epoch": k, "step": 0, "history": history, "best_key": best_key, "best_epoch": best_epoch,
+                        "damping": lam}
+            arrays = {"params": jax.device_get(params), "opt": {}, "best": best_params or {},
+                      "preprocess": {"mean": prep.mean}}
+            checkpoint((k - 1, arrays, {"position": position, "train": dataclasses.asdict(cfg),
+                                        "network": net.to_config(), "dataset": prep.name, "steps_per_epoch": 1}))
+        if on_epoch is not None:
+            on_epoch(record, best_params, improved)
+    if best_params is None:  # iterations already done (a resumed, finished run)
+        best_params = unravel(theta)
+    result = train.FitResult(best_params, best_epoch, history, np.asarray([r["train_objective"] for r in history]))
+    result.test = evaluate(best_params, prep.x_test, prep.y_test)
+    return result
