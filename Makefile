@@ -30,7 +30,8 @@ lint: setup
 	$(BIN)/ruff check jaxcnn tests experiments
 
 experiments: setup
-	for e in gradient_agreement training_curves conv_complexity vanishing_gradients scaling; do \
+	for e in gradient_agreement training_curves conv_complexity vanishing_gradients scaling newton_sensitivity \
+		gauss_newton_cost; do \
 		$(BIN)/python -m experiments.$$e || exit 1; done
 
 bench: setup

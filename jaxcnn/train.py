@@ -338,8 +338,8 @@ def _nan_message(net: Sequential, params: dict, guard: dict, steps: int, cfg: Tr
     paths = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     grads = [p for p, ok in zip(paths, guard["grad_finite"]) if not ok]
     where = (f"layer {layers[0]} ({describe(net.layers[layers[0]])}) was the first to output NaN or Inf"
-             if layers else "every layer's output was finite, the loss or backward pass was not (a label "
-             "outside [0, K) makes the loss NaN)")
+             if layers else "every layer's output was finite, the loss or backward pass was not (an overflow, "
+             "or a label outside [0, K))")
     return (f"non-finite objective or gradient at step {bad + 1} (epoch {epoch}, step {within} of {steps}): "
             f"{where}; non-finite gradients: {', '.join(grads) or 'none'}. Training stopped; the last checkpoint "
             f"written before it is kept. Lower --lr (now {cfg.lr}), set --C, or pass --on-nan skip")
@@ -488,7 +488,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                    {**meta, "epoch": result.best_epoch, "test": result.test})
         atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_curves(history, out / "curves.png", title=f"{recipe} on {prep.name}, grad={cfg.grad}")
-    log(f"test accuracy {result.test['accuracy']:.2%}, loss {result.test['loss']:.4f} (best validation epoch "
+    unit = "iteration" if cfg.optimizer == "newton" else "epoch"
+    log(f"test accuracy {result.test['accuracy']:.2%}, loss {result.test['loss']:.4f} (best validation {unit} "
         f"{result.best_epoch}); {seconds:.0f}s{' since resuming' if resume_from else ' in all'}; results in {out}/")
     return summary
 

@@ -11,6 +11,8 @@ EXPERIMENTS = {
     "vanishing_gradients": ["vanishing_gradients.md", "vanishing_gradients.png"],
     "scaling": ["scaling.md"],
     "benchmark": [],  # results_name(): one file per backend
+    "newton_sensitivity": ["newton_sensitivity.md", "newton_sensitivity.png"],
+    "gauss_newton_cost": ["gauss_newton_cost.md"],
 }
 
 

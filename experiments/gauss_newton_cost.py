@@ -1,0 +1,102 @@
+"""Experiment 8: what does one Gauss-Newton product G v cost, against one gradient and against autodiff's?
+
+    python -m experiments.gauss_newton_cost     # writes experiments/results/gauss_newton_cost.md
+
+On simplenn-mnist (28x28x1, squared loss, float32), side by side in one process, timed round-robin after
+compilation: one hand gradient of the objective on a batch; one G v on the same batch by the hand rules
+(``jaxcnn.second_order``: tangent rules, then hand VJPs); and the natural JAX alternative, J^T B J v by
+``jax.jvp`` then ``jax.vjp`` through the autodiff network. Then the compiled temporary memory of G v over a
+subsample of 512 examples against the segment size (``batch_size``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments._common import machine, parser, table, write
+from jaxcnn import network, objective, second_order
+
+
+def timings(functions: dict, args: tuple, rounds: int) -> dict[str, float]:
+    """Median seconds of each jitted function, called round-robin ``rounds`` times after one warm-up."""
+    for f in functions.values():
+        jax.block_until_ready(f(*args))
+    seconds = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, f in functions.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(s)) for name, s in seconds.items()}
+
+
+def temp_bytes(f, *args) -> int | None:
+    try:
+        return int(jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def main(argv=None) -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    shape, batch, C = ((12, 12, 1), 16, 1.0) if args.quick else ((28, 28, 1), 128, 600.0)
+    net = network.preset("simplenn-mnist")
+    params = net.init(jax.random.key(0), shape)
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (batch, *shape), jnp.float32)
+    labels = jax.random.randint(keys[1], (batch,), 0, 10)
+    v = jax.tree_util.tree_map(lambda p: jax.random.normal(keys[2], p.shape, p.dtype), params)
+
+    def gradient(params, x):
+        return jax.grad(lambda p: objective.objective(p, net, x, labels, loss="squared", C=C)[0])(params)
+
+    def gv_hand(params, x):
+        return second_order.gauss_newton_product(net, params, x, v, loss="squared", C=C)
+
+    def gv_autodiff(params, x):
+        f = lambda p: net.apply(p, x, grad="autodiff")
+        z, jv = jax.jvp(f, (params,), (v,))
+        _, pullback = jax.vjp(f, params)
+        (jtbjv,) = pullback(second_order.GN["squared"](z, jv))
+        return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
+
+    functions = {"hand gradient": jax.jit(gradient), "G v, hand rules": jax.jit(gv_hand),
+                 "G v, jax.jvp + jax.vjp (autodiff)": jax.jit(gv_autodiff)}
+    hand, auto = jax.jit(gv_hand)(params, x), jax.jit(gv_autodiff)(params, x)
+    agree = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                for a, b in zip(jax.tree_util.tree_leaves(hand), jax.tree_util.tree_leaves(auto)))
+    seconds = timings(functions, (params, x), 3 if args.quick else 15)
+    base = seconds["hand gradient"]
+    rows = [[name, f"{s * 1e3:.1f}", f"{s / base:.2f}x"] for name, s in seconds.items()]
+    ratio = seconds["G v, hand rules"] / seconds["G v, jax.jvp + jax.vjp (autodiff)"]
+
+    subsample = jax.random.normal(keys[0], (64 if args.quick else 512, *shape), jnp.float32)
+    memory = []
+    for size in ((16, 64) if args.quick else (32, 64, 128, 256, 512)):
+        f = lambda params, x, size=size: second_order.gauss_newton_product(net, params, x, v, loss="squared", C=C,
+                                                                            batch_size=size)
+        temp = temp_bytes(f, params, subsample)
+        memory.append([size, "-" if temp is None else f"{temp / 2**20:.1f}"])
+
+    report = "\n\n".join([
+        "# The cost of one Gauss-Newton product",
+        f"Machine: {machine()}. Command: `python -m experiments.gauss_newton_cost`{' --quick' if args.quick else ''}.",
+        f"simplenn-mnist, input {'x'.join(map(str, shape))}, batch {batch}, float32, squared loss; median of "
+        "round-robin calls after compilation. Hand and autodiff G v agree to "
+        f"{agree:.1e} (max |difference| / max |value|).",
+        table(["step", "ms", "vs hand gradient"], rows),
+        f"G v by the hand rules takes {seconds['G v, hand rules'] / base:.2f}x one hand gradient (goal <= 2.0x) and "
+        f"{ratio:.2f}x autodiff's jvp + vjp (goal <= 0.8x).",
+        f"Compiled temporary memory of G v over {subsample.shape[0]} examples, by segment size:",
+        table(["segment (batch_size)", "temp MiB"], memory),
+    ])
+    print(report)
+    write(args.out, "gauss_newton_cost.md", report + "\n")
+
+
+if __name__ == "__main__":
+    main()
