@@ -65,33 +65,32 @@ def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: 
     ys = jnp.concatenate([y_fit, jnp.zeros(pad, y_fit.dtype)]).reshape(segments, size)
     ws = (jnp.arange(segments * size) < examples).reshape(segments, size)
 
-    def data_term(params):
-        """sum_i xi_i and the number of correct predictions, segment by segment."""
-        def segment(args):
-            x, y, w = args
-            logits = net.apply(params, x, grad=cfg.grad, rule=cfg.rule)
-            xi = obj.per_example_loss(logits, y, cfg.loss)
-            return jnp.sum(jnp.where(w, xi, 0.0)), jnp.sum((jnp.argmax(logits, -1) == y) & w)
-
-        sums, correct = lax.map(segment, (xs, ys, ws))
-        return sums.sum(), correct.sum()
-
-    def f_and_correct(theta, unravel):
-        params = unravel(theta)
-        total, correct = data_term(params)
-        return total / examples + jnp.vdot(theta, theta) / (2 * C), correct
+    def segment_terms(params, x, y, w):
+        """sum_i xi_i over one segment and its number of correct predictions."""
+        logits = net.apply(params, x, grad=cfg.grad, rule=cfg.rule)
+        xi = obj.per_example_loss(logits, y, cfg.loss)
+        return jnp.sum(jnp.where(w, xi, 0.0)), jnp.sum((jnp.argmax(logits, -1) == y) & w, dtype=jnp.int32)
 
     def build(template):
         _, unravel = ravel_pytree(template)
 
         @jax.jit
         def value_grad(theta):
-            (f, correct), g = jax.value_and_grad(f_and_correct, has_aux=True)(theta, unravel)
-            return f, g, correct
+            """f, g and the correct count; each segment's gradient is summed as it is computed, so the memory is
+            that of one segment (differentiating through the loop would keep every segment's activations)."""
+            def add(carry, segment):
+                (total, correct), grad = jax.value_and_grad(
+                    lambda t: segment_terms(unravel(t), *segment), has_aux=True)(theta)
+                return jax.tree_util.tree_map(jnp.add, carry, (total, grad, correct)), None
+
+            zero = (jnp.zeros((), theta.dtype), jnp.zeros_like(theta), jnp.zeros((), jnp.int32))
+            (total, grad, correct), _ = lax.scan(add, zero, (xs, ys, ws))
+            return total / examples + jnp.vdot(theta, theta) / (2 * C), grad / examples + theta / C, correct
 
         @jax.jit
         def value(theta):
-            return f_and_correct(theta, unravel)[0]
+            totals, _ = lax.map(lambda segment: segment_terms(unravel(theta), *segment), (xs, ys, ws))
+            return totals.sum() / examples + jnp.vdot(theta, theta) / (2 * C)
 
         @jax.jit
         def cg(theta, g, lam, x_sub):
