@@ -57,13 +57,8 @@ def subsample(seed: int, k: int, examples: int, fraction: float) -> np.ndarray:
 def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: float):
     """The jitted pieces of an iteration: ``value_grad(theta) -> (f, g, correct)`` and ``value(theta) -> f`` over
     the training set, and ``cg(theta, g, lam, x_sub) -> (s, iterations, g^T s, s^T G s)``; theta is flat."""
-    examples, size = x_fit.shape[0], min(cfg.batch_size, x_fit.shape[0])
-    segments = -(-examples // size)
-    pad = segments * size - examples
-    xs = jnp.concatenate([x_fit, jnp.zeros((pad, *x_fit.shape[1:]), x_fit.dtype)]).reshape(segments, size,
-                                                                                           *x_fit.shape[1:])
-    ys = jnp.concatenate([y_fit, jnp.zeros(pad, y_fit.dtype)]).reshape(segments, size)
-    ws = (jnp.arange(segments * size) < examples).reshape(segments, size)
+    examples = x_fit.shape[0]
+    (xs, ys), ws = second_order.segments(min(cfg.batch_size, examples), x_fit, y_fit)
 
     def segment_terms(params, x, y, w):
         """sum_i xi_i over one segment and its number of correct predictions."""
@@ -126,14 +121,13 @@ def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: 
     return build
 
 
-def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, progress: bool = False,
-        checkpoint: Callable | None = None, checkpoint_every: int = 0, resume: tuple | None = None,
-        on_nan: str = "stop", devices: int | None = None):
+def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpoint: Callable | None = None,
+        resume: tuple | None = None, devices: int | None = None):
     """``train.fit`` for ``cfg.optimizer == "newton"``: ``cfg.iterations`` Newton iterations (see the module
     docstring). ``on_epoch(record, best_params, improved)`` after every iteration; ``checkpoint(state)`` after every
     iteration (each is a full pass over the data, so always). A non-finite objective or gradient at the current
-    point stops the run (NonFiniteError, whatever ``on_nan`` says: no Newton step can skip it); a non-finite trial
-    point in the line search is rejected like an insufficient decrease."""
+    point stops the run (NonFiniteError, whatever ``train.fit``'s ``on_nan`` says: no Newton step can skip it); a
+    non-finite trial point in the line search is rejected like an insufficient decrease."""
     from jaxcnn import train
 
     if devices not in (None, 1) and len(jax.local_devices()) > 1:

@@ -34,6 +34,16 @@ from jaxcnn.objective import check as check_objective
 GN = {"ce": ops.softmax_cross_entropy_gn, "squared": ops.squared_error_gn}  # B u per loss
 
 
+def segments(size: int, *arrays: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Arrays of equal length N as [ceil(N / size), size, ...], the last segment padded with zeros, and the mask
+    [segments, size] of the real (unpadded) examples."""
+    count = arrays[0].shape[0]
+    total = -(-count // size) * size
+    padded = tuple(jnp.concatenate([a, jnp.zeros((total - count, *a.shape[1:]), a.dtype)]).reshape(
+        total // size, size, *a.shape[1:]) for a in arrays)
+    return padded, (jnp.arange(total) < count).reshape(total // size, size)
+
+
 def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | None, *, grad: str = "hand",
               rule: str | None = None) -> tuple[jax.Array, jax.Array]:
     """One layer's output and its tangent for parameter tangents ``dp`` and input tangent ``dx`` (None: zero),
@@ -47,8 +57,8 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
     if isinstance(layer, nw.Flatten):
         y = layer.apply(p, x, grad=grad, rule=rule)
         return y, jnp.zeros_like(y) if dx is None else dx.reshape(y.shape)
+    names = ("w", "b") if "b" in p else ("w",)  # conv and dense parameters, in the ops' argument order
     if isinstance(layer, nw.Conv):
-        names = ("w", "b") if "b" in p else ("w",)
         primals, tangents = (x, *(p[k] for k in names)), (dx, *(dp.get(k) for k in names))
         settings = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                         rule=layer.rule or rule, store_phi=layer.store_phi)
@@ -56,7 +66,6 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
             return ops.conv_relu_pool_jvp(primals, tangents, pool=layer.pool, **settings)
         return ops.conv2d_jvp(primals, tangents, **settings)
     if isinstance(layer, nw.Dense):
-        names = ("w", "b") if "b" in p else ("w",)
         return ops.dense_jvp((x, *(p[k] for k in names)), (dx, *(dp.get(k) for k in names)))
     if isinstance(layer, nw.MaxPool):  # AvgPool too
         rule_of = ops.avg_pool2d_jvp if isinstance(layer, nw.AvgPool) else ops.max_pool2d_jvp
@@ -101,18 +110,14 @@ def gauss_newton_product(net: nw.Sequential, params: dict, x: jax.Array, v: dict
     size = count if batch_size is None else min(batch_size, count)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"gauss_newton_product: batch_size must be a positive int, got {batch_size!r}")
-    segments = -(-count // size)
-    pad = segments * size - count
-    xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-    weights = (jnp.arange(segments * size) < count).astype(x.dtype).reshape(segments, size)
-    xs = xs.reshape(segments, size, *x.shape[1:])
+    (xs,), mask = segments(size, x)
 
     def segment(args):
-        x_seg, w_seg = args
+        x_seg, m_seg = args
         z, jv = jvp(net, params, x_seg, v, grad=grad, rule=rule)
-        return vjp(net, params, x_seg, GN[loss](z, jv) * w_seg[:, None], grad=grad, rule=rule)
+        return vjp(net, params, x_seg, GN[loss](z, jv) * m_seg[:, None], grad=grad, rule=rule)
 
-    parts = lax.map(segment, (xs, weights))
+    parts = lax.map(segment, (xs, mask))
     total = jax.tree_util.tree_map(lambda a: a.sum(axis=0), parts)
     examples = jnp.asarray(count, x.dtype)
     if axis_name is not None:

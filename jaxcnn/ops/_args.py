@@ -127,14 +127,10 @@ def jvp_pairs(op: str, primals, tangents, names: tuple[str, ...]) -> tuple[tuple
 def tangents_match(op: str, names, primals, tangents) -> tuple:
     """Each tangent is None (zero) or has its primal's shape (it is cast to the primal's dtype); a tangent without
     a primal is an error."""
-    out = []
     for name, p, t in zip(names, primals, tangents):
-        out.append(None if t is None else jnp.asarray(t, p.dtype if p is not None else None))
-        if t is None:
-            continue
-        if p is None:
+        if t is not None and p is None:
             raise ValueError(f"{op}: a tangent for {name} was given, but {name} is None")
-        if jnp.shape(t) != p.shape:
+        if t is not None and jnp.shape(t) != p.shape:
             raise ValueError(f"{op}: the tangent of {name} must have {name}'s shape {tuple(p.shape)}, got "
                              f"{tuple(jnp.shape(t))}")
-    return tuple(out)
+    return tuple(None if t is None else jnp.asarray(t, p.dtype) for p, t in zip(primals, tangents))
