@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments._common import machine, parser, table, write
-from jaxcnn import network, objective, second_order
+from jaxcnn import bench, network, objective, second_order
 
 
 def timings(functions: dict, args: tuple, rounds: int) -> dict[str, float]:
@@ -82,9 +82,11 @@ def main(argv=None) -> None:
         temp = temp_bytes(f, params, subsample)
         memory.append([size, "-" if temp is None else f"{temp / 2**20:.1f}"])
 
+    ceiling = bench.matmul_ceiling(256 if args.quick else None)
     report = "\n\n".join([
         "# The cost of one Gauss-Newton product",
-        f"Machine: {machine()}. Command: `python -m experiments.gauss_newton_cost`{' --quick' if args.quick else ''}.",
+        f"Machine: {machine()}; measured float32 matmul ceiling {ceiling:.0f} GFLOP/s. Command: "
+        f"`python -m experiments.gauss_newton_cost`{' --quick' if args.quick else ''}.",
         f"simplenn-mnist, input {'x'.join(map(str, shape))}, batch {batch}, float32, squared loss; median of "
         "round-robin calls after compilation. Hand and autodiff G v agree to "
         f"{agree:.1e} (max |difference| / max |value|).",
