@@ -5,8 +5,9 @@
 On simplenn-mnist (28x28x1, squared loss, float32), side by side in one process, timed round-robin after
 compilation: one hand gradient of the objective on a batch; one G v on the same batch by the hand rules
 (``jaxcnn.second_order``: tangent rules, then hand VJPs); and the natural JAX alternative, J^T B J v by
-``jax.jvp`` then ``jax.vjp`` through the autodiff network. Then the compiled temporary memory of G v over a
-subsample of 512 examples against the segment size (``batch_size``).
+``jax.jvp`` then ``jax.vjp`` through the autodiff network. Then both as conjugate gradient uses them, the forward
+pass at the current parameters done once (``second_order.forward``; ``jax.linearize``). Then the compiled
+temporary memory of G v over a subsample of 512 examples against the segment size (``batch_size``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from experiments._common import machine, parser, table, write
 from jaxcnn import bench, network, objective, second_order
 
 
-def timings(functions: dict, args: tuple, rounds: int) -> dict[str, float]:
-    """Median seconds of each jitted function, called round-robin ``rounds`` times after one warm-up."""
-    for f in functions.values():
+def timings(functions: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each jitted function ``name: (f, args)``, called round-robin ``rounds`` times after one
+    warm-up."""
+    for f, args in functions.values():
         jax.block_until_ready(f(*args))
     seconds = {name: [] for name in functions}
     for _ in range(rounds):
-        for name, f in functions.items():
+        for name, (f, args) in functions.items():
             start = time.perf_counter()
             jax.block_until_ready(f(*args))
             seconds[name].append(time.perf_counter() - start)
@@ -64,15 +66,33 @@ def main(argv=None) -> None:
         (jtbjv,) = pullback(second_order.GN["squared"](z, jv))
         return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
 
-    functions = {"hand gradient": jax.jit(gradient), "G v, hand rules": jax.jit(gv_hand),
-                 "G v, jax.jvp + jax.vjp (autodiff)": jax.jit(gv_autodiff)}
-    hand, auto = jax.jit(gv_hand)(params, x), jax.jit(gv_autodiff)(params, x)
+    # As conjugate gradient uses them: the forward pass at the current parameters done once, outside the timing.
+    stored = jax.jit(lambda params, x: second_order.forward(net, params, x))(params, x)
+    z, f_jvp = jax.linearize(lambda p: net.apply(p, x, grad="autodiff"), params)
+    f_vjp = jax.linear_transpose(f_jvp, params)
+
+    def gv_hand_stored(params, stored):
+        return second_order.gauss_newton_product(net, params, stored, v, loss="squared", C=C)
+
+    def gv_autodiff_linearized(z, v):
+        (jtbjv,) = f_vjp(second_order.GN["squared"](z, f_jvp(v)))
+        return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
+
+    functions = {"hand gradient": (jax.jit(gradient), (params, x)),
+                 "G v, hand rules": (jax.jit(gv_hand), (params, x)),
+                 "G v, jax.jvp + jax.vjp (autodiff)": (jax.jit(gv_autodiff), (params, x)),
+                 "G v, hand rules, forward stored": (jax.jit(gv_hand_stored), (params, stored)),
+                 "G v, autodiff, jax.linearize once": (jax.jit(gv_autodiff_linearized), (z, v))}
+    results = [f(*a) for f, a in list(functions.values())[1:]]
     agree = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                for a, b in zip(jax.tree_util.tree_leaves(hand), jax.tree_util.tree_leaves(auto)))
-    seconds = timings(functions, (params, x), 3 if args.quick else 15)
+                for result in results[1:]
+                for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(result)))
+    seconds = timings(functions, 3 if args.quick else 15)
     base = seconds["hand gradient"]
     rows = [[name, f"{s * 1e3:.1f}", f"{s / base:.2f}x"] for name, s in seconds.items()]
     ratio = seconds["G v, hand rules"] / seconds["G v, jax.jvp + jax.vjp (autodiff)"]
+    stored_ratio = seconds["G v, hand rules, forward stored"] / seconds["G v, jax.jvp + jax.vjp (autodiff)"]
+    linearized_ratio = seconds["G v, hand rules, forward stored"] / seconds["G v, autodiff, jax.linearize once"]
 
     subsample = jax.random.normal(keys[0], (64 if args.quick else 512, *shape), jnp.float32)
     memory = []
@@ -88,11 +108,13 @@ def main(argv=None) -> None:
         f"Machine: {machine()}; measured float32 matmul ceiling {ceiling:.0f} GFLOP/s. Command: "
         f"`python -m experiments.gauss_newton_cost`{' --quick' if args.quick else ''}.",
         f"simplenn-mnist, input {'x'.join(map(str, shape))}, batch {batch}, float32, squared loss; median of "
-        "round-robin calls after compilation. Hand and autodiff G v agree to "
+        "round-robin calls after compilation. The four G v agree to "
         f"{agree:.1e} (max |difference| / max |value|).",
         table(["step", "ms", "vs hand gradient"], rows),
         f"G v by the hand rules takes {seconds['G v, hand rules'] / base:.2f}x one hand gradient (goal <= 2.0x) and "
-        f"{ratio:.2f}x autodiff's jvp + vjp (goal <= 0.8x).",
+        f"{ratio:.2f}x autodiff's jvp + vjp (goal <= 0.8x). With the forward pass stored, as conjugate gradient "
+        f"(and simpleNN) uses it: {stored_ratio:.2f}x autodiff's jvp + vjp, and {linearized_ratio:.2f}x autodiff "
+        "doing the same (`jax.linearize` once, then its jvp and `jax.linear_transpose` per product).",
         f"Compiled temporary memory of G v over {subsample.shape[0]} examples, by segment size:",
         table(["segment (batch_size)", "temp MiB"], memory),
     ])

@@ -4,9 +4,11 @@ Each iteration k minimises Lin's objective f(theta) = ||theta||^2 / (2C) + (1/l)
 
 1. the full objective f and gradient g over the l training examples (the hand VJPs, in segments);
 2. the direction s solving (G_k + lambda I) s = -g by conjugate gradient, G_k = (1/C) I + (1/|S_k|) sum J^T B J
-   over the subsample S_k (``jaxcnn.second_order``: J v by the hand tangent rules, J^T u by the hand VJPs), stopped
-   at ||r|| <= cg_tol ||g|| or cg_max iterations;
+   over the subsample S_k (``jaxcnn.second_order``: J v by the hand tangent rules, J^T u by the hand VJPs, on
+   S_k's forward pass run once and stored, as simpleNN does, when it fits in ``STORE_LIMIT``), stopped at
+   ||r|| <= cg_tol ||g|| or cg_max iterations;
 3. a backtracking line search: alpha = 1, 1/2, 1/4, ... until f(theta + alpha s) - f <= eta alpha g^T s (eta 1e-4);
+   the full step's f comes with its gradient, which is the next iteration's when the step is taken;
 4. the Levenberg-Marquardt update of lambda from rho = actual / predicted reduction, the prediction being
    alpha g^T s + alpha^2 / 2 s^T G_k s: lambda *= 3/2 if rho < 1/4, lambda *= 2/3 if rho >= 3/4.
 
@@ -36,6 +38,7 @@ from jaxcnn import second_order
 from jaxcnn.network import Sequential
 
 ETA, BOOST, DROP, MAX_HALVINGS = 1e-4, 1.5, 2.0 / 3.0, 30
+STORE_LIMIT = 2**30  # bytes: a larger stored forward pass of S_k is recomputed in every G v instead
 
 
 def objective_c(cfg, examples: int) -> float:
@@ -54,9 +57,33 @@ def subsample(seed: int, k: int, examples: int, fraction: float) -> np.ndarray:
     return order[part * size:(part + 1) * size]
 
 
-def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: float):
+def stored_bytes(net: Sequential, cfg, input_shape: tuple, count: int, dtype=jnp.float32) -> int:
+    """The bytes of ``second_order.forward`` over a subsample of ``count`` examples: what conjugate gradient keeps
+    when the forward pass of S_k is stored (at most ``STORE_LIMIT``)."""
+    def forward(x):
+        params = net.init(jax.random.key(0), input_shape, dtype=dtype)
+        return second_order.forward(net, params, x, batch_size=min(cfg.batch_size, count), grad=cfg.grad,
+                                    rule=cfg.rule).stored
+
+    stored = jax.eval_shape(forward, jax.ShapeDtypeStruct((count, *input_shape), dtype))
+    return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(stored))
+
+
+def store_plan(net: Sequential, cfg, input_shape: tuple, examples: int) -> tuple[bool, str]:
+    """Whether CG stores S_k's forward pass (``stored_bytes`` <= ``STORE_LIMIT``), and a line saying so."""
+    count = max(1, math.ceil(cfg.gn_fraction * examples))
+    size = stored_bytes(net, cfg, input_shape, count)
+    if size <= STORE_LIMIT:
+        return True, f"G v reuses S_k's stored forward pass ({size / 2**20:.0f} MiB)"
+    return False, (f"G v recomputes S_k's forward pass in segments of {min(cfg.batch_size, count)} (storing it "
+                   f"would take {size / 2**30:.1f} GiB > {STORE_LIMIT / 2**30:g} GiB)")
+
+
+def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: float, store: bool = True):
     """The jitted pieces of an iteration: ``value_grad(theta) -> (f, g, correct)`` and ``value(theta) -> f`` over
-    the training set, and ``cg(theta, g, lam, x_sub) -> (s, iterations, g^T s, s^T G s)``; theta is flat."""
+    the training set, and ``cg(theta, g, lam, x_sub) -> (s, iterations, g^T s, s^T G s)``; theta is flat. With
+    ``store``, CG runs S_k's forward pass once and every G v reuses it (simpleNN's way); else each G v recomputes
+    it segment by segment (memory of one segment)."""
     examples = x_fit.shape[0]
     (xs, ys), ws = second_order.segments(min(cfg.batch_size, examples), x_fit, y_fit)
 
@@ -90,10 +117,12 @@ def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: 
         @jax.jit
         def cg(theta, g, lam, x_sub):
             params = unravel(theta)
+            sub = second_order.forward(net, params, x_sub, batch_size=min(cfg.batch_size, x_sub.shape[0]),
+                                       grad=cfg.grad, rule=cfg.rule) if store else x_sub
 
             def gv(v):  # (lambda + 1/C) v + (1/|S|) J^T B J v
                 product = second_order.gauss_newton_product(
-                    net, params, x_sub, unravel(v), loss=cfg.loss, C=C, damping=lam, batch_size=cfg.batch_size,
+                    net, params, sub, unravel(v), loss=cfg.loss, C=C, damping=lam, batch_size=cfg.batch_size,
                     grad=cfg.grad, rule=cfg.rule)
                 return ravel_pytree(product)[0]
 
@@ -138,7 +167,8 @@ def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpo
     C = objective_c(cfg, examples)
     x_fit, y_fit = jnp.asarray(prep.x_fit), jnp.asarray(prep.y_fit)
     params = net.init(jax.random.key(cfg.seed), prep.input_shape)
-    value_grad, value, cg, unravel = make_functions(net, cfg, x_fit, y_fit, C)(params)
+    store = store_plan(net, cfg, prep.input_shape, examples)[0]
+    value_grad, value, cg, unravel = make_functions(net, cfg, x_fit, y_fit, C, store)(params)
     evaluate = train.make_evaluator(net, cfg, max(len(prep.x_val), len(prep.x_test)))
     theta = ravel_pytree(params)[0]
     k, lam, history, best_key, best_epoch, best_params = 1, float(cfg.damping), [], None, 0, None
@@ -161,11 +191,13 @@ def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpo
         x_sub = x_fit[subsample(cfg.seed, k, examples, cfg.gn_fraction)]
         s, cg_iterations, gs, sGs = cg(theta, g, jnp.asarray(lam, theta.dtype), x_sub)
         alpha, f_old = 1.0, f
-        for _ in range(MAX_HALVINGS):
-            f_new = value(theta + alpha * s)
+        f_new, g_new, correct = value_grad(theta + s)  # the full step, nearly always taken: its gradient is reused
+        for halvings in range(MAX_HALVINGS + 1):
+            if halvings:
+                alpha /= 2
+                f_new, g_new = value(theta + alpha * s), None
             if np.isfinite(float(f_new)) and float(f_new) - float(f_old) <= ETA * alpha * float(gs):
                 break
-            alpha /= 2
         else:
             raise train.NonFiniteError(f"newton iteration {k}: no sufficient decrease after {MAX_HALVINGS} halvings "
                                        f"of the step (g^T s = {float(gs):.3e}); the direction is not a descent one")
@@ -173,7 +205,7 @@ def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpo
         ratio = actual / predicted if predicted != 0 else 1.0
         lam = lam * BOOST if ratio < 0.25 else lam * DROP if ratio >= 0.75 else lam
         theta = theta + alpha * s
-        f, g, correct = value_grad(theta)
+        f, g, correct = (f_new, g_new, correct) if g_new is not None else value_grad(theta)
         params = unravel(theta)
         record = {"epoch": k, "iteration": k, "train_objective": float(f), "train_accuracy": int(correct) / examples,
                   "gradient_norm": float(jnp.linalg.norm(g)), "cg_iterations": int(cg_iterations), "lambda": lam,

@@ -19,9 +19,16 @@ No ``jax.jvp`` runs on a hand op (JAX cannot, see docs/formulas.md, "Higher orde
 The subsample is processed in segments of ``batch_size`` examples, one after another (``lax.map``), so the memory
 is that of one segment however large S is; S need not be a multiple of the segment (the last is padded with
 examples of weight 0).
+
+The forward pass does not depend on v. Conjugate gradient multiplies by the same G many times, so, as simpleNN
+does, ``forward`` can run it once and store it (``Forward``: the input and every conv / dense output, the cheap
+layers between them recomputed); ``gauss_newton_product`` given a ``Forward`` then costs one tangent pass and one
+backward pass, at the price of memory linear in |S|.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +49,14 @@ def segments(size: int, *arrays: jax.Array) -> tuple[tuple[jax.Array, ...], jax.
     padded = tuple(jnp.concatenate([a, jnp.zeros((total - count, *a.shape[1:]), a.dtype)]).reshape(
         total // size, size, *a.shape[1:]) for a in arrays)
     return padded, (jnp.arange(total) < count).reshape(total // size, size)
+
+
+def _map(f, xs):
+    """``lax.map`` over segments, a plain call when there is one (XLA's CPU backend runs some convolutions, the
+    flip rule's dW among them, ~20x slower inside a loop: jax-ml/jax#12868)."""
+    if jax.tree_util.tree_leaves(xs)[0].shape[0] == 1:
+        return jax.tree_util.tree_map(lambda a: a[None], f(jax.tree_util.tree_map(lambda a: a[0], xs)))
+    return lax.map(f, xs)
 
 
 def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | None, *, grad: str = "hand",
@@ -95,7 +110,73 @@ def vjp(net: nw.Sequential, params: dict, x: jax.Array, u: jax.Array, *, grad: s
     return pullback(jnp.asarray(u, z.dtype))[0]
 
 
-def gauss_newton_product(net: nw.Sequential, params: dict, x: jax.Array, v: dict, *, loss: str = "squared",
+class Forward(NamedTuple):
+    """A subsample's forward pass, stored in segments for repeated Gauss-Newton products (``forward``)."""
+
+    stored: tuple  # per layer: its output [segments, size, ...] if kept, else None (recomputed); then the input
+    mask: jax.Array  # [segments, size]: True for a real example, False for the last segment's padding
+    count: int  # |S|, the real examples
+
+
+def _kept(layer: nw.Layer) -> bool:
+    """Whether ``forward`` stores a layer's output: the costly ones (conv, dense, user layers); activations,
+    pooling and flattening are recomputed from their input in each product."""
+    return not isinstance(layer, (nw.MaxPool, nw._Activation, nw.Flatten))
+
+
+def _segment_size(name: str, batch_size, count: int) -> int:
+    size = count if batch_size is None else batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{name}: batch_size must be a positive int, got {batch_size!r}")
+    return min(size, count)
+
+
+def _outputs(net: nw.Sequential, params: dict, x: jax.Array, grad: str, rule: str | None) -> tuple:
+    outs = net.outputs(params, x, grad=grad, rule=rule)
+    return (*(o if _kept(layer) else None for o, layer in zip(outs, net.layers)), x)
+
+
+def forward(net: nw.Sequential, params: dict, x: jax.Array, *, batch_size: int | None = None, grad: str = "hand",
+            rule: str | None = None) -> Forward:
+    """The forward pass over the subsample ``x`` in segments of ``batch_size`` (default: one), kept for
+    ``gauss_newton_product`` (simpleNN stores it once per Newton iteration for all CG steps). Memory: the input
+    and the output of every conv / dense layer, for all of ``x``."""
+    size = _segment_size("forward", batch_size, x.shape[0])
+    (xs,), mask = segments(size, x)
+    return Forward(_map(lambda seg: _outputs(net, params, seg, grad, rule), xs), mask, x.shape[0])
+
+
+def _segment_product(net: nw.Sequential, params: dict, stored: tuple, mask: jax.Array, v: dict, loss: str,
+                     grad: str, rule: str | None) -> dict:
+    """sum_i J_i^T B_i J_i v over one segment from its stored forward pass: each layer's input is the stored
+    output before it, or recomputed from its own input (cheap layers); the layers' forward products are unused
+    and compiled away, leaving the tangent rules (J v) and the hand VJPs (J^T u)."""
+    inputs, h = [], stored[-1]
+    for name, layer, out in zip(net.names, net.layers, stored[:-1]):
+        inputs.append(h)
+        h = layer.apply(params[name] if name else {}, h, grad=grad, rule=rule) if out is None else out
+    dx = None
+    for name, layer, x in zip(net.names, net.layers, inputs):
+        _, dx = layer_jvp(layer, params[name] if name else {}, x, v[name] if name else {}, dx, grad=grad, rule=rule)
+    u = GN[loss](h, dx) * mask[:, None].astype(h.dtype)
+    total = {}
+    for i in reversed(range(len(net.layers))):
+        name, layer, x = net.names[i], net.layers[i], inputs[i]
+        p = params[name] if name else {}
+
+        def f(p, x, layer=layer):
+            return layer.apply(p, x, grad=grad, rule=rule)
+
+        if i == 0:  # the input's cotangent is not needed
+            (dp,) = jax.vjp(lambda p, x=x: f(p, x), p)[1](u)
+        else:
+            dp, u = jax.vjp(f, p, x)[1](u)
+        if name:
+            total[name] = dp
+    return total
+
+
+def gauss_newton_product(net: nw.Sequential, params: dict, x: jax.Array | Forward, v: dict, *, loss: str = "squared",
                          C: float | None = None, damping: float | jax.Array = 0.0, batch_size: int | None = None,
                          grad: str = "hand", rule: str | None = None, axis_name: str | None = None) -> dict:
     """simpleNN's ``G v = (lambda + 1/C) v + (1/|S|) sum_{i in S} J_i^T B_i J_i v`` over the examples ``x`` (the
@@ -103,23 +184,23 @@ def gauss_newton_product(net: nw.Sequential, params: dict, x: jax.Array, v: dict
     ``damping`` is lambda, Levenberg-Marquardt's. Inside ``shard_map`` pass the mesh axis as ``axis_name``: each
     device then holds its share of S and the segment sums are added across devices (``psum``).
 
+    ``x`` may instead be S's stored forward pass, ``forward(net, params, S, batch_size=...)`` at the same params
+    (its segments are used; ``batch_size`` is ignored): each product then skips the forward pass.
+
     The labels are not needed: B depends on the outputs only, for both losses.
     """
     check_objective(loss, C)
-    count = x.shape[0]
-    size = count if batch_size is None else min(batch_size, count)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"gauss_newton_product: batch_size must be a positive int, got {batch_size!r}")
-    (xs,), mask = segments(size, x)
-
-    def segment(args):
-        x_seg, m_seg = args
-        z, jv = jvp(net, params, x_seg, v, grad=grad, rule=rule)
-        return vjp(net, params, x_seg, GN[loss](z, jv) * m_seg[:, None], grad=grad, rule=rule)
-
-    parts = lax.map(segment, (xs, mask))
+    if isinstance(x, Forward):
+        parts = _map(lambda seg: _segment_product(net, params, *seg, v, loss, grad, rule), (x.stored, x.mask))
+        count, dtype = x.count, x.stored[-1].dtype
+    else:
+        size = _segment_size("gauss_newton_product", batch_size, x.shape[0])
+        (xs,), mask = segments(size, x)
+        parts = _map(lambda seg: _segment_product(net, params, _outputs(net, params, seg[0], grad, rule), seg[1], v,
+                                                  loss, grad, rule), (xs, mask))
+        count, dtype = x.shape[0], x.dtype
     total = jax.tree_util.tree_map(lambda a: a.sum(axis=0), parts)
-    examples = jnp.asarray(count, x.dtype)
+    examples = jnp.asarray(count, dtype)
     if axis_name is not None:
         total, examples = lax.psum((total, examples), axis_name)
     reg = damping + (0.0 if C is None else 1.0 / C)

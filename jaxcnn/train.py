@@ -437,12 +437,13 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
         f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={rule}; "
         f"{mesh.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
     if cfg.optimizer == "newton":
-        from jaxcnn.newton import objective_c
+        from jaxcnn.newton import objective_c, store_plan
 
         log(f"newton: {cfg.iterations} iterations, loss {cfg.loss}, C = {objective_c(cfg, len(prep.x_fit)):g}"
             f"{'' if cfg.C is not None else ' (0.01 l, simpleNN)'}, Gauss-Newton subsample "
             f"{math.ceil(cfg.gn_fraction * len(prep.x_fit))} examples, CG to {cfg.cg_tol:g} ||g|| or "
-            f"{cfg.cg_max} iterations, lambda from {cfg.damping:g}")
+            f"{cfg.cg_max} iterations, lambda from {cfg.damping:g}; "
+            f"{store_plan(net, cfg, prep.input_shape, len(prep.x_fit))[1]}")
     meta = {"recipe": recipe, "dataset": prep.name, "classes": prep.classes,
             "input_shape": list(prep.input_shape), "train": dataclasses.asdict(cfg)}
     history: list[dict] = list(resume_from[1]["position"]["history"]) if resume_from else []

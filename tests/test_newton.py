@@ -2,8 +2,8 @@
 exactly, refuses bad settings, stops on a non-finite objective."""
 
 import json
+import math
 
-import jax
 import numpy as np
 import pytest
 
@@ -88,4 +88,20 @@ def test_hand_and_autodiff_newton_agree():
     for a, b in zip(runs["hand"], runs["autodiff"]):
         assert a["cg_iterations"] == b["cg_iterations"]
         np.testing.assert_allclose(a["train_objective"], b["train_objective"], rtol=1e-4)
-    assert jax.default_backend()  # both ran on this backend
+
+
+def test_a_stored_and_a_recomputed_forward_pass_give_the_same_iterations(monkeypatch):
+    """CG's G v on S_k's stored forward pass (the default) and, past newton.STORE_LIMIT, recomputing it."""
+    net = network.preset("digits-cnn")
+    cfg = train.TrainConfig(optimizer="newton", loss="squared", iterations=2, batch_size=128, C=100.0)
+    prep = train.prepare(datasets.load("digits", "data"), cfg)
+    assert newton.store_plan(net, cfg, prep.input_shape, len(prep.x_fit))[1].startswith(
+        "G v reuses S_k's stored forward pass (")
+    stored = newton.fit(net, prep, cfg).history
+    monkeypatch.setattr(newton, "STORE_LIMIT", 0)
+    assert f"G v recomputes S_k's forward pass in segments of {math.ceil(0.05 * len(prep.x_fit))} (" in \
+        newton.store_plan(net, cfg, prep.input_shape, len(prep.x_fit))[1]
+    recomputed = newton.fit(net, prep, cfg).history
+    for a, b in zip(stored, recomputed):
+        assert a["cg_iterations"] == b["cg_iterations"]
+        np.testing.assert_allclose(a["train_objective"], b["train_objective"], rtol=1e-5)

@@ -65,6 +65,24 @@ def test_gauss_newton_product_equals_the_explicit_matrix(loss):
         gv = second_order.gauss_newton_product(net, params, x, unravel(v), loss=loss, C=C, damping=damping,
                                                batch_size=batch_size)
         np.testing.assert_allclose(ravel_pytree(gv)[0], G @ v, rtol=1e-11, atol=1e-13)
+        stored = second_order.forward(net, params, x, batch_size=batch_size)
+        gv = second_order.gauss_newton_product(net, params, stored, unravel(v), loss=loss, C=C, damping=damping)
+        np.testing.assert_allclose(ravel_pytree(gv)[0], G @ v, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,rule", [("simplenn-mnist", "im2col"), ("lenet5", "flip"), ("digits-cnn", None)])
+def test_a_stored_forward_pass_gives_the_same_product_and_keeps_only_costly_outputs(name, rule):
+    """G v from ``forward`` (as CG uses it) equals G v recomputing the forward pass, on the plain and the fused
+    network; the stored pass holds the input and each conv / dense output, not the activations or pools."""
+    plain, params, x, v = setup(name, SMALL[name], batch=5)
+    for net in (plain, plain.fuse()):
+        stored = second_order.forward(net, params, x, batch_size=2, rule=rule)
+        kept = [type(layer).__name__ for layer, out in zip(net.layers, stored.stored) if out is not None]
+        assert set(kept) <= {"Conv", "ConvReLUPool", "Dense"} and kept.count("Dense") >= 1, kept
+        assert stored.stored[-1].shape == (3, 2, *SMALL[name]) and stored.mask.sum() == 5
+        a = second_order.gauss_newton_product(net, params, stored, v, loss="ce", C=2.0, rule=rule)
+        b = second_order.gauss_newton_product(net, params, x, v, loss="ce", C=2.0, batch_size=2, rule=rule)
+        assert_close(ravel_pytree(a)[0], ravel_pytree(b)[0], jnp.float64, f"{net.name} stored G v")
 
 
 def test_bad_segment_size_is_refused():
