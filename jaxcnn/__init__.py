@@ -1,7 +1,8 @@
 """jaxcnn: convolutional networks in JAX whose every backward pass is derived by hand from the lecture notes.
 
-Each op takes ``grad="hand"`` (default: a ``jax.custom_vjp`` reproducing the notes' formula) or
-``grad="autodiff"`` (JAX differentiating the very same forward pass). docs/formulas.md maps ops to equations.
+Each op takes ``grad="hand"`` (default: a ``jax.custom_vjp`` reproducing the notes' formula),
+``grad="autodiff"`` (JAX differentiating the very same forward pass) or ``grad="tangent"`` (a ``jax.custom_jvp``
+whose rule is the hand tangent rule: forward mode on the notes' formulas). docs/formulas.md maps ops to equations.
 """
 
 from jaxcnn.custom import custom_op

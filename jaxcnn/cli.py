@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--optimizer newton: Levenberg-Marquardt's lambda at the start (default 1)")
     t.add_argument("--C", type=float, help="regularisation: f = ||theta||^2 / (2C) + mean loss (default: off; "
                    "0.01 x training examples with --optimizer newton)")
-    t.add_argument("--grad", choices=["hand", "autodiff"], help="gradient mode of every layer (default hand)")
+    t.add_argument("--grad", choices=["hand", "autodiff", "tangent"],
+                   help="gradient mode of every layer (default hand; tangent: JAX transposes the hand tangent rules)")
     t.add_argument("--rule", choices=["im2col", "flip"],
                    help="hand rule of the convolutions (default: the backend's faster: im2col on CPU, flip on GPU/TPU)")
     t.add_argument("--fuse", action="store_true", default=None,

@@ -53,7 +53,7 @@ class CustomOp:
         except TypeError as err:
             raise TypeError(f"{self.name}: settings must be hashable (ints, floats, strings, tuples), got "
                             f"{settings!r}") from err
-        if grad == "autodiff":
+        if grad in ("autodiff", "tangent"):  # no tangent rule of its own: JAX differentiates the forward
             return self.forward(*arrays, **settings)
         return self._hand(static, *arrays)
 
@@ -66,7 +66,8 @@ class CustomOp:
 
 def custom_op(name: str, forward: Callable, backward: Callable, *, params: tuple[str, ...] = (),
               init: Callable | None = None) -> CustomOp:
-    """An op with ``grad="hand" | "autodiff"`` from a forward function and a hand-derived backward function.
+    """An op with ``grad="hand" | "autodiff"`` from a forward function and a hand-derived backward function
+    (``grad="tangent"``, having no tangent rule, is autodiff).
 
     Args:
       name: the op's name: used in error messages, as the layer's parameter prefix and as its TOML ``type``.

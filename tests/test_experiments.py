@@ -13,6 +13,7 @@ EXPERIMENTS = {
     "benchmark": [],  # results_name(): one file per backend
     "newton_sensitivity": ["newton_sensitivity.md", "newton_sensitivity.png"],
     "gauss_newton_cost": ["gauss_newton_cost.md"],
+    "newton_mnist": ["newton_mnist.md", "newton_mnist.png"],
 }
 
 

@@ -115,7 +115,7 @@ def test_layer_spec_errors():
         jc.Conv(0)
     with pytest.raises(ValueError, match="dense: init must be one of he_normal"):
         jc.Dense(3, init="zeros")
-    with pytest.raises(ValueError, match="relu: grad must be 'hand' or 'autodiff'"):
+    with pytest.raises(ValueError, match="relu: grad must be one of 'hand', 'autodiff' or 'tangent'"):
         jc.ReLU(grad="numeric")
     with pytest.raises(ValueError, match="conv: store_phi applies to rule='im2col'"):
         jc.Conv(4, rule="flip", store_phi=True)

@@ -63,7 +63,7 @@ def test_evaluator_pads_batches_without_changing_results():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(optimizer="rmsprop"), "optimizer must be 'sgd' or 'momentum' or 'adam' or 'newton', got 'rmsprop'"),
+    (dict(optimizer="rmsprop"), "optimizer must be one of 'sgd', 'momentum', 'adam' or 'newton', got 'rmsprop'"),
     (dict(dataset="imagenet"), "dataset must be one of digits, mnist"),
     (dict(epochs=0), "epochs must be a positive int"),
     (dict(lr=-1.0), "lr must be a positive number"),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-GRAD_MODES = ("hand", "autodiff")
+GRAD_MODES = ("hand", "autodiff", "tangent")
 CONV_RULES = ("im2col", "flip")
 
 Pair = tuple[int, int]
@@ -49,7 +49,8 @@ def same_dtype(op: str, **arrays: jax.Array | None) -> None:
 
 def choice(op: str, name: str, value, options: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in options:
-        allowed = " or ".join(repr(o) for o in options)
+        names = [repr(o) for o in options]
+        allowed = " or ".join(names) if len(names) < 3 else f"one of {', '.join(names[:-1])} or {names[-1]}"
         raise ValueError(f"{op}: {name} must be {allowed}, got {value!r}")
     return value
 

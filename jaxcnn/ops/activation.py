@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.ops import _args
+from jaxcnn.ops import _args, _tangent
 
 
 def relu_forward(s: jax.Array) -> jax.Array:
@@ -46,6 +46,8 @@ def _elementwise(name: str, forward: Callable, slope_from_output: Callable, doc:
     def op(x: jax.Array, *, grad: str = "hand") -> jax.Array:
         x = _args.array(name, "x", x)
         _args.choice(name, "grad", grad, _args.GRAD_MODES)
+        if grad == "tangent":
+            return _tangent.call(op_jvp, (x,))
         return forward(x) if grad == "autodiff" else hand(x)
 
     def op_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
@@ -69,7 +71,7 @@ relu, relu_jvp = _elementwise(
 
     Args:
       x: any shape, floating point.
-      grad: "hand" or "autodiff" (both give 0 at S = 0, see the module docstring).
+      grad: "hand", "autodiff" (both give 0 at S = 0, see the module docstring) or "tangent" (forward mode).
     """,
 )
 
@@ -80,7 +82,7 @@ sigmoid, sigmoid_jvp = _elementwise(
 
     Args:
       x: any shape, floating point.
-      grad: "hand" or "autodiff".
+      grad: "hand", "autodiff" or "tangent" (the hand tangent rule, for forward mode).
     """,
 )
 
@@ -90,6 +92,6 @@ tanh, tanh_jvp = _elementwise(
 
     Args:
       x: any shape, floating point.
-      grad: "hand" or "autodiff".
+      grad: "hand", "autodiff" or "tangent" (the hand tangent rule, for forward mode).
     """,
 )

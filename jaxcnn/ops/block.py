@@ -23,7 +23,7 @@ from functools import partial
 
 import jax
 
-from jaxcnn.ops import _args, conv
+from jaxcnn.ops import _args, _tangent, conv
 from jaxcnn.ops._windows import Window
 from jaxcnn.ops.activation import relu_forward
 from jaxcnn.ops.pool import max_forward, max_with_index, pick, route
@@ -47,7 +47,8 @@ def conv_relu_pool(
     Args:
       x, w, b, stride, padding, dilation, rule, store_phi: as ``conv2d``.
       pool: max-pooling window, int or (ph, pw); its stride is the window (non-overlapping, as in Lin).
-      grad: "hand" (fused rule, saves only Z^m, Z^{m+1} and P_pool) or "autodiff" (JAX through the same chain).
+      grad: "hand" (fused rule, saves only Z^m, Z^{m+1} and P_pool), "autodiff" (JAX through the same chain) or
+        "tangent" (eq. 24 applied to tangents as a custom JVP, for forward mode: jax.jvp; docs/formulas.md).
 
     Returns:
       Z^{m+1}, [N, Ho // ph, Wo // pw, C_out] where Ho, Wo are conv2d's output size.
@@ -60,6 +61,9 @@ def conv_relu_pool(
     rule, store_phi = conv.resolve(op, rule, store_phi)
     if grad == "autodiff":
         return forward(window, pool_window, store_phi, x, w, b)
+    if grad == "tangent":
+        return _tangent.call(conv_relu_pool_jvp, (x, w, b), stride=stride, padding=padding, dilation=dilation,
+                             pool=pool, rule=rule, store_phi=store_phi)
     return _block_hand(rule, window, pool_window, store_phi, x, w, b)
 
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.ops import _args
+from jaxcnn.ops import _args, _tangent
 from jaxcnn.ops._windows import Window, pad, patches, unpatches
 
 
@@ -72,7 +72,8 @@ def conv2d(
       stride: int or (sh, sw), >= 1.
       padding: "VALID", "SAME", an int, (ph, pw) or ((top, bottom), (left, right)); zeros are added.
       dilation: int or (dh, dw), >= 1: kernel taps are ``dilation`` apart.
-      grad: "hand" (custom VJP following the notes) or "autodiff" (JAX differentiates the same forward).
+      grad: "hand" (custom VJP following the notes), "autodiff" (JAX differentiates the same forward) or
+        "tangent" (the hand tangent rule as a custom JVP, for forward mode: jax.jvp; docs/formulas.md).
       rule: hand rule: "im2col" (Lin eq. 12, 14, 18) or "flip" (Ray / DD2424, generalised to stride and
         dilation). Default (None): the faster on this backend, as measured in BENCHMARKS.md: "im2col" on CPU
         (or wherever ``store_phi=True``), "flip" on GPUs and TPUs. With ``grad="autodiff"`` it only selects
@@ -89,6 +90,9 @@ def conv2d(
     rule, store_phi = resolve("conv2d", rule, store_phi)
     if grad == "autodiff":
         return forward(window, store_phi, x, w, b)[0]
+    if grad == "tangent":
+        return _tangent.call(conv2d_jvp, (x, w, b), stride=stride, padding=padding, dilation=dilation, rule=rule,
+                             store_phi=store_phi)
     return _conv_hand(rule, window, store_phi, x, w, b)
 
 

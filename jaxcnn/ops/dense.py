@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcnn.ops import _args
+from jaxcnn.ops import _args, _tangent
 
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, grad: str = "hand") -> jax.Array:
@@ -23,7 +23,7 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, grad: str =
       x: [N, n_in].
       w: [n_in, n_out].
       b: optional [n_out].
-      grad: "hand" or "autodiff".
+      grad: "hand", "autodiff" or "tangent" (the hand tangent rule, for forward mode; docs/formulas.md).
 
     Returns:
       [N, n_out].
@@ -41,6 +41,8 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, grad: str =
     _args.choice("dense", "grad", grad, _args.GRAD_MODES)
     if grad == "autodiff":
         return forward(x, w, b)
+    if grad == "tangent":
+        return _tangent.call(dense_jvp, (x, w, b))
     return _dense_hand(x, w, b)
 
 

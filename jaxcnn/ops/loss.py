@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.ops import _args
+from jaxcnn.ops import _args, _tangent
 
 
 def squared_error(z: jax.Array, y: jax.Array, *, grad: str = "hand") -> jax.Array:
@@ -31,9 +31,11 @@ def squared_error(z: jax.Array, y: jax.Array, *, grad: str = "hand") -> jax.Arra
     Args:
       z: network outputs, [N, K].
       y: targets: int labels [N] (compared with one-hot rows) or floats [N, K].
-      grad: "hand" or "autodiff".
+      grad: "hand", "autodiff" or "tangent" (the hand gradient as the slope of a custom JVP, for forward mode).
     """
     z, y = _inputs("squared_error", ("z", z), ("y", y), grad)
+    if grad == "tangent":
+        return _tangent.call(squared_error_jvp, (z, y))
     return squared_error_forward(z, y) if grad == "autodiff" else _squared_error(z, y)
 
 
@@ -46,9 +48,11 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, grad: str = "
       logits: z, [N, K].
       labels: int labels [N] in [0, K) (out of range: ValueError, or NaN when traced; see the module docstring),
         or one-hot / probability rows [N, K].
-      grad: "hand" or "autodiff".
+      grad: "hand", "autodiff" or "tangent" (the hand gradient as the slope of a custom JVP, for forward mode).
     """
     z, y = _inputs("softmax_cross_entropy", ("logits", logits), ("labels", labels), grad)
+    if grad == "tangent":
+        return _tangent.call(softmax_cross_entropy_jvp, (z, y))
     return cross_entropy_forward(z, y) if grad == "autodiff" else _cross_entropy(z, y)
 
 
@@ -165,3 +169,22 @@ def _cross_entropy_bwd(res, g):
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def _loss_jvp(name: str, forward, backward):
+    def rule(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+        (z, y), (dz, dy) = _args.jvp_pairs(name, primals, tangents, ("z", "y"))
+        loss = forward(z, y)
+        slopes = backward((z, y), jnp.ones((), loss.dtype))  # the hand gradient: d loss = <dloss/dz, dz> + ...
+        terms = [jnp.vdot(s.astype(loss.dtype), t.astype(loss.dtype)) for s, t in zip(slopes, (dz, dy))
+                 if t is not None]
+        return loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(loss)
+
+    rule.__name__ = rule.__qualname__ = name
+    rule.__doc__ = (f"The tangent rule of ``{name[:-4]}``: ``(loss, <dloss/dz, dz> + <dloss/dy, dy>)`` with the hand "
+                    f"gradient as slopes; ``primals = (z, y)`` with y float rows (``grad='tangent'`` uses it).")
+    return rule
+
+
+squared_error_jvp = _loss_jvp("squared_error_jvp", squared_error_forward, _squared_error_bwd)
+softmax_cross_entropy_jvp = _loss_jvp("softmax_cross_entropy_jvp", cross_entropy_forward, _cross_entropy_bwd)

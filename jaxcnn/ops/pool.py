@@ -30,7 +30,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxcnn.ops import _args
+from jaxcnn.ops import _args, _tangent
 from jaxcnn.ops._windows import Window, pad, patches, unpatches
 from jaxcnn.ops.conv import fits
 
@@ -44,7 +44,8 @@ def max_pool2d(x: jax.Array, window=2, stride=None, padding="VALID", *, grad: st
       stride: int or (sh, sw); defaults to ``window`` (non-overlapping, as in the notes).
       padding: "VALID", "SAME", an int, (ph, pw) or ((top, bottom), (left, right)); padded entries are -inf and
         never selected. Each side's padding must be smaller than the window so every window sees real entries.
-      grad: "hand" (route Delta to the first maximum, Ray) or "autodiff" (JAX: ties share Delta equally).
+      grad: "hand" (route Delta to the first maximum, Ray), "autodiff" (JAX: ties share Delta equally) or
+        "tangent" (the hand tangent rule as a custom JVP, for forward mode: jax.jvp; docs/formulas.md).
 
     Returns:
       [N, Ho, Wo, C], Ho = floor((H + top + bottom - wh) / sh) + 1 (DD2424: (w - r)/s + 1).
@@ -53,6 +54,8 @@ def max_pool2d(x: jax.Array, window=2, stride=None, padding="VALID", *, grad: st
     _args.choice("max_pool2d", "grad", grad, _args.GRAD_MODES)
     if grad == "autodiff":
         return max_forward(win, x)
+    if grad == "tangent":
+        return _tangent.call(max_pool2d_jvp, (x,), window=window, stride=stride, padding=padding)
     return _max_hand(win, x.shape[1:3], x)
 
 
@@ -66,6 +69,8 @@ def avg_pool2d(x: jax.Array, window=2, stride=None, padding="VALID", *, grad: st
     _args.choice("avg_pool2d", "grad", grad, _args.GRAD_MODES)
     if grad == "autodiff":
         return avg_forward(win, x)
+    if grad == "tangent":
+        return _tangent.call(avg_pool2d_jvp, (x,), window=window, stride=stride, padding=padding)
     return _avg_hand(win, x.shape[1:3], x)
 
 

@@ -46,6 +46,8 @@ def cases(dtype):
         ("sigmoid", ops.sigmoid, (x,), {}),
         ("tanh", ops.tanh, (x,), {}),
         ("dense", ops.dense, (flat, normal(rng, (7, 4), dtype), normal(rng, (4,), dtype)), {}),
+        ("squared_error", ops.squared_error, (flat, normal(rng, (3, 7), dtype)), {}),
+        ("softmax_cross_entropy", ops.softmax_cross_entropy, (flat, jax.nn.softmax(normal(rng, (3, 7), dtype))), {}),
     ]
 
 

@@ -39,7 +39,8 @@ CONV_CASES = {
     "stride triple": (ValueError, r"conv2d: stride must be an int or a pair", dict(stride=(1, 2, 3))),
     "padding string": (ValueError, r"conv2d: padding must be 'VALID', 'SAME'.*got 'FULL'", dict(padding="FULL")),
     "negative padding": (ValueError, r"conv2d: padding must be >= 0", dict(padding=((1, -1), (0, 0)))),
-    "grad": (ValueError, r"conv2d: grad must be 'hand' or 'autodiff', got 'manual'", dict(grad="manual")),
+    "grad": (ValueError, r"conv2d: grad must be one of 'hand', 'autodiff' or 'tangent', got 'manual'",
+             dict(grad="manual")),
     "rule": (ValueError, r"conv2d: rule must be 'im2col' or 'flip', got 'fft'", dict(rule="fft")),
     "store_phi type": (TypeError, r"conv2d: store_phi must be True, False or None, got 'yes'", dict(store_phi="yes")),
     "store_phi with flip": (ValueError, r"conv2d: store_phi applies to rule='im2col'",
@@ -71,7 +72,7 @@ POOL_CASES = {
     "padding >= window": (ValueError, r"padding \(2, 0\) in height must be smaller than the window \(2\)",
                           dict(padding=((2, 0), (0, 0)))),
     "padding string": (ValueError, r"padding must be 'VALID', 'SAME'", dict(padding="same-ish")),
-    "grad": (ValueError, r"grad must be 'hand' or 'autodiff'", dict(grad="exact")),
+    "grad": (ValueError, r"grad must be one of 'hand', 'autodiff' or 'tangent'", dict(grad="exact")),
     "integer x": (TypeError, r"x must have a floating-point dtype",
                   dict(x=jax.ShapeDtypeStruct((1, 4, 4, 1), jnp.int8))),
 }
@@ -90,7 +91,8 @@ def test_pooling(op, case):
 def test_activations(op):
     fails(TypeError, rf"{op.__name__}: x must have a floating-point dtype", op,
           jax.ShapeDtypeStruct((3,), jnp.int32))
-    fails(ValueError, rf"{op.__name__}: grad must be 'hand' or 'autodiff'", lambda x: op(x, grad="fd"), B)
+    fails(ValueError, rf"{op.__name__}: grad must be one of 'hand', 'autodiff' or 'tangent'",
+          lambda x: op(x, grad="fd"), B)
 
 
 def test_dense():
@@ -114,7 +116,7 @@ def test_losses(op):
           jax.ShapeDtypeStruct((4, 2), jnp.float32))
     with pytest.raises(ValueError, match=rf"{op.__name__}: {labels} must lie in \[0, 3\) .* from 0 to 3"):
         op(jnp.zeros((4, 3)), jnp.array([0, 1, 2, 3]))  # concrete labels are range-checked
-    with pytest.raises(ValueError, match=r"grad must be 'hand' or 'autodiff'"):
+    with pytest.raises(ValueError, match=r"grad must be one of 'hand', 'autodiff' or 'tangent'"):
         op(jnp.zeros((4, 3)), jnp.array([0, 1, 2, 0]), grad="both")
 
 
