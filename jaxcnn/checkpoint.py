@@ -1,8 +1,11 @@
 """Saved files: models (``model.safetensors``) and training states (``checkpoints/step-*.safetensors``).
 
-Both are safetensors files (arrays only, no pickle: loading cannot run code) with JSON metadata that includes a
-SHA-256 of every tensor, written atomically (temporary file, fsync, rename). A truncated or corrupted file is
-reported, never half-loaded.
+Both are safetensors files (arrays only, no pickle: loading cannot run code) with JSON metadata, written atomically
+(temporary file, fsync, rename). One SHA-256 covers every tensor (name, dtype, shape, bytes) and the metadata's
+exact bytes, so a flipped bit anywhere that matters is reported, never loaded: a recorded learning rate, epoch or
+network is as protected as a weight. (Files written before the metadata was covered, with the SHA-256 inside the
+metadata, still load; their tensors are checked.) Only regular files are opened (a FIFO would block), and a file
+holding NaN or Inf is refused: no run resumes from, and no evaluation reports on, a model that is not finite.
 
 A model holds params ``params/<layer>/<name>``, the preprocessing mean ``preprocess/mean`` and the network config,
 so ``load_model`` rebuilds the network. A training state holds everything ``jaxcnn train --resume`` needs to go
@@ -87,7 +90,8 @@ def list_states(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := STATE_NAME.match(name))]
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := STATE_NAME.match(name))
+             and (folder / name).is_file()]
     return sorted(found)
 
 
@@ -137,8 +141,9 @@ def _unflatten(group: str, tensors: dict[str, np.ndarray]) -> dict:
 def _write(path, tensors: dict[str, np.ndarray], header: dict) -> None:
     import safetensors.numpy
 
-    header = {**header, "sha256": _digest(tensors)}
-    atomic_write(path, safetensors.numpy.save(tensors, metadata={"jaxcnn": json.dumps(header)}))
+    text = json.dumps(header)
+    metadata = {"jaxcnn": text, "jaxcnn-sha256": _digest(tensors, text)}
+    atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata))
 
 
 def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -147,25 +152,43 @@ def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict
 
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a directory, FIFO or device); expected a .safetensors "
+                              f"file")
     try:
         with safetensors.safe_open(str(path), framework="np") as f:
-            header = json.loads((f.metadata() or {})["jaxcnn"])
+            metadata = f.metadata() or {}
+        text = metadata["jaxcnn"]
+        header = json.loads(text)
         tensors = safetensors.numpy.load_file(str(path))
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err}); it may be truncated or not a "
                               f"jaxcnn file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: its metadata is not a JSON object: the file is corrupted")
+    if "jaxcnn-sha256" in metadata:
+        if _digest(tensors, text) != metadata["jaxcnn-sha256"]:
+            raise CheckpointError(f"{path}: the tensors and metadata do not match their recorded SHA-256: the file "
+                                  f"is corrupted")
+    elif _digest(tensors) != header.pop("sha256", None):  # an older file: its tensors only
+        raise CheckpointError(f"{path}: the tensors do not match their recorded SHA-256: the file is corrupted")
     if header.get("format") != expected_format:
         raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {expected_format!r}")
-    if _digest(tensors) != header.pop("sha256", None):
-        raise CheckpointError(f"{path}: the tensors do not match their recorded SHA-256: the file is corrupted")
     header.pop("format")
+    for key, a in sorted(tensors.items()):
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            raise CheckpointError(f"{path}: {key} holds {int(np.sum(~np.isfinite(a)))} non-finite values (NaN or "
+                                  f"Inf); a model that is not finite is not loaded")
     return tensors, header
 
 
-def _digest(tensors: dict[str, np.ndarray]) -> str:
+def _digest(tensors: dict[str, np.ndarray], metadata: str | None = None) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, then of the metadata's exact text (when given)."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         a = np.ascontiguousarray(tensors[key])
         h.update(f"{key}:{a.dtype.str}:{a.shape}\n".encode())
         h.update(a.tobytes())
+    if metadata is not None:
+        h.update(b"metadata\n" + metadata.encode())
     return h.hexdigest()

@@ -6,9 +6,10 @@ Each hand rule keeps only the activation's *output* y = sigma(S), never S, and w
     sigmoid  sigma'(S) = (1 - y) y                   (Sadeghzadeh: PyTorch's Sigmoid_updateGradInput)
     tanh     sigma'(S) = 1 - y^2
 
-ReLU's forward is written ``where(S > 0, S, 0)``, which JAX differentiates branchwise, so autodiff also gives 0 at
-S = 0. Written as ``maximum(S, 0)`` it would give 1/2 there: JAX shares the derivative of a max between tied
-arguments (see tests/ops/test_activation.py).
+ReLU's forward is written ``where(S <= 0, 0, S)``, which JAX differentiates branchwise, so autodiff also gives 0
+at S = 0. Written as ``maximum(S, 0)`` it would give 1/2 there: JAX shares the derivative of a max between tied
+arguments (see tests/ops/test_activation.py). NaN is never hidden: relu(NaN) = NaN (as ``jax.nn.relu`` and
+PyTorch), and the mask I[y > 0] is read as "not y <= 0", so a NaN output passes Delta on (``passed``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from jaxcnn.ops import _args, _tangent
 
 
 def relu_forward(s: jax.Array) -> jax.Array:
-    return jnp.where(s > 0, s, jnp.zeros((), s.dtype))
+    return jnp.where(s <= 0, jnp.zeros((), s.dtype), s)
+
+
+def passed(y: jax.Array) -> jax.Array:
+    """ReLU's mask I[S > 0] read from its output y (Lin eq. 16, 24, 26), as a 0/1 array of y's dtype: 1 where y > 0
+    and where y is NaN, whose gradient must stay visible (not masked to 0)."""
+    return jnp.logical_not(y <= 0).astype(y.dtype)
 
 
 def _elementwise(name: str, forward: Callable, slope_from_output: Callable, doc: str):
@@ -66,7 +73,7 @@ def _elementwise(name: str, forward: Callable, slope_from_output: Callable, doc:
 
 
 relu, relu_jvp = _elementwise(
-    "relu", relu_forward, lambda y: (y > 0).astype(y.dtype),
+    "relu", relu_forward, passed,
     """ReLU sigma(S) = max(S, 0); hand backward Delta (.) I[y > 0] (Lin eq. 16 and 22, sigma'(0) = 0).
 
     Args:

@@ -25,7 +25,7 @@ import jax
 
 from jaxcnn.ops import _args, _tangent, conv
 from jaxcnn.ops._windows import Window
-from jaxcnn.ops.activation import relu_forward
+from jaxcnn.ops.activation import passed, relu_forward
 from jaxcnn.ops.pool import max_forward, max_with_index, pick, route
 
 
@@ -86,7 +86,7 @@ def conv_relu_pool_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, 
     dx, dw, db = _args.tangents_match(op, ("x", "w", "b"), (x, w, b), (dx, dw, db))
     s, ds = conv.tangent(rule, window, store_phi, x, w, b, dx, dw, db)
     z_next, index = max_with_index(pool_window, relu_forward(s))
-    return z_next, (z_next > 0) * pick(pool_window, index, ds)  # eq. (24): I[Z^{m+1}] (.) P_pool vec(dS)
+    return z_next, passed(z_next) * pick(pool_window, index, ds)  # eq. (24): I[Z^{m+1}] (.) P_pool vec(dS)
 
 
 def pool_geometry(op: str, pool) -> Window:
@@ -114,7 +114,7 @@ def _block_hand_fwd(rule, window, pool_window, store_phi, x, w, b):
 
 def _block_hand_bwd(rule, window, pool_window, store_phi, res, delta):
     x, w, b, z_next, index, phi = res
-    delta = delta * (z_next > 0)  # eq. (26): Delta (.) I[Z^{m+1}]
+    delta = delta * passed(z_next)  # eq. (26): Delta (.) I[Z^{m+1}]
     delta = route(pool_window, index, delta, window.out_hw(x.shape[1:3]))  # ... P_pool
     dx, dw, db = conv.backward(rule, window, x, w, delta, stored_phi=phi)  # eq. (27), (28); db eq. (14)
     return dx, dw, None if b is None else db
