@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -47,3 +49,24 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def strict_json(record: dict, **kwargs) -> str:
+    """``record`` as JSON that strict parsers accept: a NaN or infinite number becomes null and its key (dotted
+    for nested ones) is listed under ``"non_finite"``."""
+    found: list[str] = []
+
+    def clean(value, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(path)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(record, "")
+    if found:
+        cleaned["non_finite"] = found
+    return json.dumps(cleaned, allow_nan=False, **kwargs)

@@ -95,10 +95,12 @@ def list_states(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def newest_state(folder: str | os.PathLike, report: Callable[[str], None] = print):
-    """The newest training state in ``folder`` that reads back intact, as (arrays, meta, path), or None if there
-    is none. A damaged newer state is reported and the one before it tried. Temporary files that a killed write
-    left behind are removed."""
+def newest_state(folder: str | os.PathLike, report: Callable[[str], None] = print,
+                 reject: Callable[[dict], str | None] = lambda meta: None):
+    """The newest training state in ``folder`` that reads back intact and that ``reject(meta)`` does not object to
+    (it returns the reason, or None), as (arrays, meta, path), or None if there is none. A damaged or rejected
+    newer state is reported and the one before it tried. Temporary files that a killed write left behind are
+    removed."""
     folder = Path(folder)
     if folder.is_dir():
         for stale in folder.glob(".step-*.tmp"):
@@ -108,6 +110,10 @@ def newest_state(folder: str | os.PathLike, report: Callable[[str], None] = prin
             arrays, meta = load_state(path)
         except CheckpointError as err:
             report(f"skipping damaged checkpoint: {err}")
+            continue
+        reason = reject(meta)
+        if reason:
+            report(f"skipping checkpoint {path}: {reason}")
             continue
         return arrays, meta, path
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def safe_name(name: str) -> str:
+    """A recipe's name as one folder name under runs/: letters, digits, '.', '-', '_' kept, anything else (a
+    '/', '..', spaces) made '_', no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "run"
+
+
 def resolve(args: argparse.Namespace) -> tuple[network.Sequential, train.TrainConfig, str]:
     """The network, the recipe with the flags applied, and the recipe's name."""
     if args.config:
@@ -204,7 +211,7 @@ def cmd_train(args) -> int:
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'checkpoint_every' else '>= 1'}")
     net, cfg, name = resolve(args)
-    out = args.out or f"runs/{name}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or f"runs/{safe_name(name)}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     train.run(net, cfg, out, recipe=name, progress=progress, checkpoint_every=args.checkpoint_every,
               on_nan=args.on_nan, keep=args.keep_checkpoints, devices=args.devices)
     return 0

@@ -51,6 +51,9 @@ INITIALIZERS = {
 }
 
 
+CONFIG_KEYS = {"name", "description", "layers", "train"}  # the top level of a network config (TOML or dict)
+
+
 def _check_mode(layer: str, grad, rule=None) -> None:
     if grad is not None:
         _args.choice(layer, "grad", grad, _args.GRAD_MODES)
@@ -412,6 +415,12 @@ class Sequential:
         """Build a network from a config dict such as ``load_toml`` returns; errors name the layer index.
         ``custom_ops`` maps the ``type`` of user layers to their ops (``jaxcnn.custom.custom_op``)."""
         custom_ops = dict(custom_ops or {})
+        unknown = sorted(set(config) - CONFIG_KEYS)
+        if unknown:  # a misspelled table ([trian]) would otherwise be ignored and the defaults used
+            raise ValueError(f"{source}: unknown top-level key(s) or table(s) {', '.join(unknown)}; expected some "
+                             f"of {', '.join(sorted(CONFIG_KEYS))}")
+        if not isinstance(config.get("train", {}), dict):
+            raise ValueError(f"{source}: train must be a table ([train]), got {type(config['train']).__name__}")
         layers = config.get("layers")
         if not isinstance(layers, list) or not layers:
             raise ValueError(f"{source}: expected a non-empty list of [[layers]] tables")

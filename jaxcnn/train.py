@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxcnn import data as datasets
 from jaxcnn import objective as obj
 from jaxcnn import parallel
-from jaxcnn._io import atomic_path, atomic_write
+from jaxcnn._io import atomic_path, atomic_write, strict_json
 from jaxcnn.checkpoint import list_states, newest_state, save_model, save_state
 from jaxcnn.network import Sequential, describe
 from jaxcnn.ops import _args
@@ -415,16 +415,20 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     and curves.png. With several processes, all train and process 0 alone logs and writes.
 
     ``out`` must not hold another run (nothing a user saved is overwritten); ``resume_run`` continues one.
+    ``run.json`` names the run (recipe, dataset, network, training config) from its start, and says
+    ``"complete": true`` once every file is written: that is the last write.
     """
     out = Path(out)
     main = parallel.is_main()
     if not main:
         log, progress = (lambda message: None), False
-    started = (out / "summary.json").exists() or (out / "model.safetensors").exists() or list_states(
-        out / "checkpoints")
+    started = any((out / name).exists() for name in (MANIFEST, "summary.json", "model.safetensors")) or \
+        list_states(out / "checkpoints")
     if resume_from is None and started:
         raise FileExistsError(f"{out} already holds a run; choose another --out, or pass --resume to continue "
                               f"an unfinished one")
+    if main:
+        remove_stale_temporaries(out)
     begin = time.perf_counter()
     mesh = parallel.make_mesh(devices)
     parallel.check_batch(cfg.batch_size, mesh)
@@ -446,13 +450,16 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
             f"{store_plan(net, cfg, prep.input_shape, len(prep.x_fit))[1]}")
     meta = {"recipe": recipe, "dataset": prep.name, "classes": prep.classes,
             "input_shape": list(prep.input_shape), "train": dataclasses.asdict(cfg)}
+    if main and not (out / MANIFEST).exists():
+        atomic_write(out / MANIFEST, strict_json({**identity(recipe, prep.name, net.to_config(), cfg),
+                                                  "complete": False}, indent=2) + "\n")
     history: list[dict] = list(resume_from[1]["position"]["history"]) if resume_from else []
 
     def on_epoch(record, best_params, improved):
         history.append(record)
         if not main:
             return
-        atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
         if improved:
             save_model(out / "model.safetensors", net, best_params, prep.mean, {**meta, "epoch": record["epoch"]})
         val = (f"  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}"
@@ -487,12 +494,46 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     if main:
         save_model(out / "model.safetensors", net, result.params, prep.mean,
                    {**meta, "epoch": result.best_epoch, "test": result.test})
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_curves(history, out / "curves.png", title=f"{recipe} on {prep.name}, grad={cfg.grad}")
+        atomic_write(out / "summary.json", strict_json(summary, indent=2) + "\n")
+        complete(out, history)
     unit = "iteration" if cfg.optimizer == "newton" else "epoch"
     log(f"test accuracy {result.test['accuracy']:.2%}, loss {result.test['loss']:.4f} (best validation {unit} "
         f"{result.best_epoch}); {seconds:.0f}s{' since resuming' if resume_from else ' in all'}; results in {out}/")
+    if not math.isfinite(result.test["loss"]):
+        raise NonFiniteError(f"the run finished, but the best model's test loss is {result.test['loss']} (its "
+                             f"outputs overflow); {out / 'summary.json'} records it as null under non_finite")
     return summary
+
+
+MANIFEST = "run.json"
+
+
+def identity(recipe: str, dataset: str, network: dict, cfg) -> dict:
+    """What makes a run the run it is: a training state must match all of it to be resumed from."""
+    train_config = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    return {"recipe": recipe, "dataset": dataset, "network": network, "train": train_config}
+
+
+def complete(out: Path, history: list[dict]) -> None:
+    """Write what a finished run lacks after its summary (the curves), then mark it complete, last."""
+    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+    summary = json.loads((out / "summary.json").read_text())
+    if not history and (out / "metrics.jsonl").is_file():
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plot_curves(history, out / "curves.png",
+                title=f"{summary['recipe']} on {summary['dataset']}, grad={summary['grad']}")
+    manifest = {**identity(summary["recipe"], summary["dataset"], summary["network"], summary["train"]),
+                **manifest, "complete": True}
+    atomic_write(out / MANIFEST, strict_json(manifest, indent=2) + "\n")
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files of writes that a kill cut short (``.<name>.*.tmp``, see jaxcnn._io)."""
+    for folder in (out, out / "checkpoints"):
+        if folder.is_dir():
+            for stale in folder.glob(".*.tmp"):
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
 
 
 def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
@@ -500,13 +541,27 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
     """Continue the run in ``out`` from its newest intact training state, with the recipe, network and options
     it was started with. A damaged newest state is reported and the one before it used."""
     out = Path(out)
-    if (out / "summary.json").exists():
-        log(f"{out} holds a finished run (summary.json): nothing to resume")
+    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
+    if (out / "summary.json").is_file():
+        if manifest is None or not manifest.get("complete"):  # killed between summary.json and the last write
+            remove_stale_temporaries(out)
+            complete(out, [])
+            log(f"{out}: training had finished; wrote what the run lacked (curves.png) and marked it complete")
+        else:
+            log(f"{out} holds a finished run ({MANIFEST} says complete): nothing to resume")
         return json.loads((out / "summary.json").read_text())
-    found = newest_state(out / "checkpoints", report=log)
+
+    def belongs(meta: dict) -> str | None:
+        if manifest is None:
+            return None
+        theirs = identity(meta.get("recipe"), meta.get("dataset"), meta.get("network"), meta.get("train"))
+        differ = [key for key in theirs if theirs[key] != manifest.get(key)]
+        return f"its {' and '.join(differ)} differ from {MANIFEST}'s: it is not of this run" if differ else None
+
+    found = newest_state(out / "checkpoints", report=log, reject=belongs)
     if found is None:
-        raise FileNotFoundError(f"{out / 'checkpoints'}: no training state to resume from (a run writes one at the "
-                                f"end of every epoch, and every --checkpoint-every steps)")
+        raise FileNotFoundError(f"{out / 'checkpoints'}: no training state of this run to resume from (a run "
+                                f"writes one at the end of every epoch, and every --checkpoint-every steps)")
     arrays, meta, path = found
     cfg = TrainConfig(**meta["train"])
     net = Sequential.from_config(meta["network"], source=str(path))
