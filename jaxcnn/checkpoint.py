@@ -1,10 +1,10 @@
 """Saved files: models (``model.safetensors``) and training states (``checkpoints/step-*.safetensors``).
 
 Both are safetensors files (arrays only, no pickle: loading cannot run code) with JSON metadata, written atomically
-(temporary file, fsync, rename). One SHA-256 covers every tensor (name, dtype, shape, bytes) and the metadata's
-exact bytes, so a flipped bit anywhere that matters is reported, never loaded: a recorded learning rate, epoch or
-network is as protected as a weight. (Files written before the metadata was covered, with the SHA-256 inside the
-metadata, still load; their tensors are checked.) Only regular files are opened (a FIFO would block), and a file
+(temporary file, fsync, rename). One SHA-256 covers every tensor (name, dtype, shape, bytes) and the metadata
+(its JSON text), so a flipped bit anywhere that matters is reported, never loaded: a recorded learning rate, epoch
+or network is as protected as a weight. (Files written before the metadata was covered, with a SHA-256 of the
+tensors only, still load; their tensors are checked.) Only regular files are opened (a FIFO would block), and a file
 holding NaN or Inf is refused: no run resumes from, and no evaluation reports on, a model that is not finite.
 
 A model holds params ``params/<layer>/<name>``, the preprocessing mean ``preprocess/mean`` and the network config,
@@ -33,6 +33,7 @@ from jaxcnn.network import Sequential
 MODEL_FORMAT = "jaxcnn-model-1"
 STATE_FORMAT = "jaxcnn-train-state-1"
 STATE_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+DIGEST = "sha256_tensors_and_metadata"  # older files have "sha256", of the tensors only
 
 
 class CheckpointError(ValueError):
@@ -59,8 +60,29 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     if path.is_dir():
         path = path / "model.safetensors"
     tensors, header = _read(path, MODEL_FORMAT)
+    lacks = [what for what, there in (("its network", "network" in header),
+                                      ("preprocess/mean", "preprocess/mean" in tensors)) if not there]
+    if lacks:
+        raise CheckpointError(f"{path}: not a jaxcnn model: it lacks {' and '.join(lacks)}")
     network = Sequential.from_config(header.pop("network"), source=str(path))
-    return SavedModel(network, _unflatten("params", tensors), tensors["preprocess/mean"], header)
+    params = _unflatten("params", tensors)
+    if "input_shape" in header:
+        _check_params(path, network, params, tuple(header["input_shape"]))
+    return SavedModel(network, params, tensors["preprocess/mean"], header)
+
+
+def _check_params(path: Path, network: Sequential, params: dict, input_shape: tuple) -> None:
+    """The saved params must be exactly the network's: the same layers, names and shapes."""
+    expected = jax.eval_shape(lambda: network.init(jax.random.key(0), input_shape))
+    want = {f"params/{layer}/{name}": tuple(a.shape) for layer, group in expected.items() for name, a in group.items()}
+    have = {k: tuple(v.shape) for k, v in _flatten("params", params).items()}
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    wrong = [f"{k} is {have[k]}, expected {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+    if missing or extra or wrong:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+            ([f"unexpected {', '.join(extra)}"] if extra else []) + wrong
+        raise CheckpointError(f"{path}: its tensors do not fit its network {network.name} on {input_shape} inputs: "
+                              f"{'; '.join(problems)}")
 
 
 def save_state(folder: str | os.PathLike, global_step: int, arrays: dict[str, dict], meta: dict, keep: int = 3) -> Path:
@@ -147,9 +169,10 @@ def _unflatten(group: str, tensors: dict[str, np.ndarray]) -> dict:
 def _write(path, tensors: dict[str, np.ndarray], header: dict) -> None:
     import safetensors.numpy
 
-    text = json.dumps(header)
-    metadata = {"jaxcnn": text, "jaxcnn-sha256": _digest(tensors, text)}
-    atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata))
+    # One metadata entry: safetensors writes several in a per-process random order, and a file must come out the
+    # same bytes whenever the same run writes it (resumed runs are compared byte for byte).
+    header = {**header, DIGEST: _digest(tensors, json.dumps(header))}
+    atomic_write(path, safetensors.numpy.save(tensors, metadata={"jaxcnn": json.dumps(header)}))
 
 
 def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -163,17 +186,16 @@ def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict
                               f"file")
     try:
         with safetensors.safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-        text = metadata["jaxcnn"]
-        header = json.loads(text)
+            header = json.loads((f.metadata() or {})["jaxcnn"])
         tensors = safetensors.numpy.load_file(str(path))
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err}); it may be truncated or not a "
                               f"jaxcnn file") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: its metadata is not a JSON object: the file is corrupted")
-    if "jaxcnn-sha256" in metadata:
-        if _digest(tensors, text) != metadata["jaxcnn-sha256"]:
+    if DIGEST in header:
+        recorded = header.pop(DIGEST)
+        if _digest(tensors, json.dumps(header)) != recorded:
             raise CheckpointError(f"{path}: the tensors and metadata do not match their recorded SHA-256: the file "
                                   f"is corrupted")
     elif _digest(tensors) != header.pop("sha256", None):  # an older file: its tensors only
@@ -189,7 +211,8 @@ def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict
 
 
 def _digest(tensors: dict[str, np.ndarray], metadata: str | None = None) -> str:
-    """SHA-256 of every tensor's name, dtype, shape and bytes, then of the metadata's exact text (when given)."""
+    """SHA-256 of every tensor's name, dtype, shape and bytes, then of the metadata's JSON text (when given; JSON
+    written by ``json.dumps`` reads back to the same text)."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         a = np.ascontiguousarray(tensors[key])

@@ -221,8 +221,17 @@ def cmd_evaluate(args) -> int:
     from jaxcnn.checkpoint import load_model
 
     model = load_model(args.checkpoint)
+    missing = [key for key in ("train", "dataset", "recipe", "epoch") if key not in model.meta]
+    if missing:
+        raise ValueError(f"{args.checkpoint}: the model's metadata lacks {', '.join(missing)}: it was not written "
+                         f"by `jaxcnn train`")
     cfg = train.TrainConfig(**{**model.meta["train"], "dataset": args.dataset or model.meta["dataset"]})
     dataset = datasets.load(cfg.dataset, args.data_dir, download=args.download)
+    trained_on = tuple(model.meta.get("input_shape", dataset.input_shape))
+    if trained_on != tuple(dataset.input_shape):
+        raise ValueError(f"{args.checkpoint}: the model was trained on {model.meta['dataset']} images of "
+                         f"{'x'.join(map(str, trained_on))}, but {cfg.dataset}'s are "
+                         f"{'x'.join(map(str, dataset.input_shape))}; evaluate it on {model.meta['dataset']}")
     train.check_network(model.network, dataset.input_shape, dataset.classes)
     evaluate = train.make_evaluator(model.network, cfg, len(dataset.x_test))
     result = evaluate(model.params, dataset.x_test - model.mean, dataset.y_test)

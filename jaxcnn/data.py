@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import math
 import os
 import pickle
 import struct
@@ -182,10 +183,10 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = data[3]
     header = 4 + 4 * ndim
     dims = struct.unpack(f">{ndim}I", data[4:header]) if len(data) >= header else ()
-    if len(dims) != ndim or len(data) != header + int(np.prod(dims)):
+    size = math.prod(dims)  # Python ints: numpy's product of large dims would wrap around
+    if len(dims) != ndim or len(data) != header + size:
         raise DataError(f"{path}: {len(data)} bytes, but its header promises shape {dims} "
-                        f"({header + int(np.prod(dims)) if len(dims) == ndim else '?'} bytes); it is truncated "
-                        f"or corrupt")
+                        f"({header + size if len(dims) == ndim else '?'} bytes); it is truncated or corrupt")
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
@@ -202,6 +203,9 @@ def _read_mnist(folder: Path, files) -> tuple:
             raise DataError(f"{labels_path}: expected {len(images)} labels for {images_path.name}, "
                             f"got shape {labels.shape}")
         _check_labels(labels_path, labels)
+        if out and images.shape[1:] != out[0].shape[1:3]:
+            raise DataError(f"{images_path}: images of {images.shape[1]}x{images.shape[2]}, but the training images "
+                            f"({paths['train-images-idx3-ubyte.gz'].name}) are {out[0].shape[1]}x{out[0].shape[2]}")
         out += [images[..., None], labels]
     return tuple(out)
 
@@ -223,9 +227,10 @@ class _ArraysOnly(pickle.Unpickler):
 def _read_cifar_batch(name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         batch = _ArraysOnly(io.BytesIO(raw), encoding="bytes").load()
-        data, labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"])
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
     except Exception as err:
         raise DataError(f"{name}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
+    data, labels = _pixels(name, data), _integers(name, "labels", labels)
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{name}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}")
     _check_labels(name, labels)
@@ -249,8 +254,11 @@ def _read_cifar(folder: Path, files) -> tuple:
         try:
             with tarfile.open(archive, "r:gz") as tar:  # read members in memory: nothing is extracted to disk
                 for b in CIFAR_BATCHES:
-                    member = tar.extractfile(f"cifar-10-batches-py/{b}")
-                    raws[b] = (f"{archive}:{b}", member.read())
+                    info = tar.getmember(f"cifar-10-batches-py/{b}")
+                    if not info.isfile():  # a directory, FIFO, link or device: nothing to read
+                        raise DataError(f"{archive}: its member {info.name} is not a regular file; delete the "
+                                        f"archive and download it again")
+                    raws[b] = (f"{archive}:{b}", tar.extractfile(info).read())
         except (tarfile.TarError, OSError, EOFError, KeyError) as err:
             raise DataError(f"{archive}: not a readable CIFAR-10 archive ({err}); delete it and download it "
                             f"again") from None
@@ -270,6 +278,7 @@ def _read_svhn(folder: Path, files) -> tuple:
             x, y = mat["X"], mat["y"].reshape(-1)
         except Exception as err:
             raise DataError(f"{path}: not an SVHN .mat file ({type(err).__name__}: {err})") from None
+        x, y = _pixels(path, x), _integers(path, "labels", y)
         if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
             raise DataError(f"{path}: expected X [32, 32, 3, N] and y [N, 1], got {x.shape} and {mat['y'].shape}")
         if y.min(initial=1) < 1 or y.max(initial=10) > 10:
@@ -289,6 +298,29 @@ def _digits() -> Dataset:
     x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.25, stratify=digits.target,
                                                         random_state=0)
     return Dataset("digits", x_train, _labels(y_train), x_test, _labels(y_test))
+
+
+def _integers(where, what: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as int64, refusing NaN, Inf, fractions and non-numbers (a cast would turn 0.7 into 0 and NaN into
+    -2^31 silently)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iub":
+        return values.astype(np.int64)
+    if values.dtype.kind != "f":
+        raise DataError(f"{where}: {what} must be integers, got dtype {values.dtype}")
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        raise DataError(f"{where}: {what} must be whole numbers, got {float(values[bad][0])} ({int(bad.sum())} such "
+                        f"values)")
+    return values.astype(np.int64)
+
+
+def _pixels(where, values: np.ndarray) -> np.ndarray:
+    """8-bit pixels as uint8, refusing values outside 0..255 (a cast would wrap 300 to 44)."""
+    values = _integers(where, "pixel values", values)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise DataError(f"{where}: pixel values must lie in 0..255, got {values.min()}..{values.max()}")
+    return values.astype(np.uint8)
 
 
 def _check_labels(where, labels: np.ndarray, classes: int = 10) -> None:

@@ -61,9 +61,14 @@ def _check_mode(layer: str, grad, rule=None) -> None:
         _args.choice(layer, "rule", rule, _args.CONV_RULES)
 
 
+MAX_FEATURES = 2**20  # a stated bound, checked before anything is allocated (a typo of 2**31 would not fit in memory)
+
+
 def _check_features(layer: str, features) -> None:
     if isinstance(features, bool) or not isinstance(features, int) or features < 1:
         raise ValueError(f"{layer}: features must be a positive int, got {features!r}")
+    if features > MAX_FEATURES:
+        raise ValueError(f"{layer}: features = {features} exceeds the limit of {MAX_FEATURES} (2^20)")
 
 
 def _check_init(layer: str, init) -> None:
@@ -349,6 +354,10 @@ class Sequential:
         _check_mode(self.name, grad, rule)
         outs = []
         for i, (name, layer) in enumerate(zip(self.names, self.layers)):
+            if name and (not isinstance(params, dict) or name not in params):
+                have = sorted(params) if isinstance(params, dict) else type(params).__name__
+                raise ValueError(f"layer {i} ({describe(layer)}): params has no entry {name!r} (it has {have}); "
+                                 f"make params with {self.name}.init(key, input_shape)")
             try:
                 x = layer.apply(params[name] if name else {}, x, grad=grad, rule=rule)
             except (ValueError, TypeError) as err:
@@ -459,12 +468,20 @@ def _is_valid(padding) -> bool:
     return (isinstance(padding, str) and padding.upper() == "VALID") or padding == 0
 
 
+MAX_LAYER_PARAMS = 2**31 - 1  # entries of one parameter array: past it, sizes overflow XLA's 32-bit indexing
+
+
 def _param_shapes(layer: Layer, in_shape: Shape, index: int) -> dict[str, Shape]:
     if isinstance(layer, (Conv, Dense)) and len(in_shape) != (3 if isinstance(layer, Conv) else 1):
         expected = "an image [H, W, C]" if isinstance(layer, Conv) else "a flat vector (add a Flatten layer first)"
         raise ValueError(f"layer {index} ({describe(layer)}) expects {expected}, got input of shape "
                          f"{_fmt(in_shape)}")
-    return layer.param_shapes(in_shape)
+    shapes = layer.param_shapes(in_shape)
+    for name, shape in shapes.items():
+        if int(np.prod(shape, dtype=object)) > MAX_LAYER_PARAMS:
+            raise ValueError(f"layer {index} ({describe(layer)}): its {name} would have shape {_fmt(shape)}, more "
+                             f"than {MAX_LAYER_PARAMS} entries; use smaller sizes")
+    return shapes
 
 
 def _init(specs, key: jax.Array, dtype) -> dict:

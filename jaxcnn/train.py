@@ -506,6 +506,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
 
 
 MANIFEST = "run.json"
+STATE_KEYS = ("train", "network", "dataset", "recipe", "position", "steps_per_epoch", "checkpoint_every", "on_nan",
+              "keep")  # what resume_run reads from a training state
 
 
 def identity(recipe: str, dataset: str, network: dict, cfg) -> dict:
@@ -552,6 +554,9 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
         return json.loads((out / "summary.json").read_text())
 
     def belongs(meta: dict) -> str | None:
+        missing = [key for key in STATE_KEYS if key not in meta]
+        if missing:
+            return f"its metadata lacks {', '.join(missing)} (not a state written by `jaxcnn train`)"
         if manifest is None:
             return None
         theirs = identity(meta.get("recipe"), meta.get("dataset"), meta.get("network"), meta.get("train"))

@@ -138,6 +138,43 @@ def test_cifar10_python_batches(tmp_path, layout):
     np.testing.assert_array_equal(ds.y_test, batches["test_batch"][2])
 
 
+@pytest.mark.parametrize("field,value,match", [
+    (b"labels", [0, 1, 0.7], r"labels must be whole numbers, got 0.7"),
+    (b"labels", [0, float("nan"), 2], r"labels must be whole numbers, got nan"),
+    (b"data", "300", r"pixel values must lie in 0..255, got 0..300"),
+    (b"data", "nan", r"pixel values must be whole numbers, got nan"),
+])
+def test_cifar_nan_fractions_and_out_of_range_pixels_are_refused(tmp_path, field, value, match):
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for seed, name in enumerate(data.CIFAR_BATCHES):
+        raw = cifar_batch(3, seed)[0]
+        if name == "data_batch_2":
+            batch = pickle.loads(raw)
+            if field == b"data":
+                rows = batch[b"data"].astype(np.float64)
+                rows[1, 5] = float(value)
+                rows[0, 0] = 0
+                batch[b"data"] = rows
+            else:
+                batch[b"labels"] = value
+            raw = pickle.dumps(batch, protocol=2)
+        (folder / name).write_bytes(raw)
+    with pytest.raises(data.DataError, match=rf"data_batch_2: {match}"):
+        data.load("cifar10", tmp_path)
+
+
+def test_a_cifar_archive_member_that_is_not_a_file_is_refused(tmp_path):
+    (tmp_path / "cifar10").mkdir()
+    with tarfile.open(tmp_path / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name in data.CIFAR_BATCHES:
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.type = tarfile.FIFOTYPE if name == "data_batch_1" else tarfile.DIRTYPE
+            tar.addfile(info)
+    with pytest.raises(data.DataError, match=r"its member cifar-10-batches-py/data_batch_1 is not a regular file"):
+        data.load("cifar10", tmp_path)
+
+
 def test_cifar_pickles_cannot_run_code(tmp_path):
     class Exploit:
         def __reduce__(self):
@@ -166,6 +203,14 @@ def test_svhn_mat_files(tmp_path):
     scipy.io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 1), np.uint8),
                                                            "y": np.array([[11]], np.uint8)})
     with pytest.raises(data.DataError, match=r"test_32x32.mat: SVHN labels must lie in 1..10"):
+        data.load("svhn", tmp_path)
+    scipy.io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": np.full((32, 32, 3, 1), 300.0),
+                                                           "y": np.array([[1]], np.uint8)})
+    with pytest.raises(data.DataError, match=r"test_32x32.mat: pixel values must lie in 0..255, got 300..300"):
+        data.load("svhn", tmp_path)
+    scipy.io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 1), np.uint8),
+                                                           "y": np.array([[np.nan]])})
+    with pytest.raises(data.DataError, match=r"test_32x32.mat: labels must be whole numbers, got nan"):
         data.load("svhn", tmp_path)
 
 

@@ -59,6 +59,7 @@ def conv_relu_pool(
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
     rule, store_phi = conv.resolve(op, rule, store_phi)
+    conv.check_size(op, x, w, window, rule, store_phi)
     if grad == "autodiff":
         return forward(window, pool_window, store_phi, x, w, b)
     if grad == "tangent":

@@ -41,6 +41,7 @@ the stride d, and padding (possibly negative, i.e. cropping) does pad_{(k-1)d} a
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -88,6 +89,7 @@ def conv2d(
     x, w, b, window = check("conv2d", x, w, b, stride, padding, dilation)
     _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
     rule, store_phi = resolve("conv2d", rule, store_phi)
+    check_size("conv2d", x, w, window, rule, store_phi)
     if grad == "autodiff":
         return forward(window, store_phi, x, w, b)[0]
     if grad == "tangent":
@@ -126,6 +128,9 @@ def check(op: str, x, w, b, stride, padding, dilation) -> tuple[jax.Array, jax.A
     _args.same_dtype(op, x=x, w=w, b=b)
     if min(w.shape[:2]) < 1:
         raise ValueError(f"{op}: w must have a kernel of at least 1x1, got shape {tuple(w.shape)}")
+    if x.shape[0] < 1 or min(x.shape[1:]) < 1 or w.shape[3] < 1:
+        raise ValueError(f"{op}: empty arrays: x has shape {tuple(x.shape)} [N, H, W, C_in] and w {tuple(w.shape)} "
+                         f"[kh, kw, C_in, C_out]; every size must be >= 1")
     return x, w, b, geometry(op, x.shape[1:3], w.shape[:2], stride, padding, dilation)
 
 
@@ -138,6 +143,23 @@ def geometry(op: str, in_hw, kernel_hw, stride, padding, dilation) -> Window:
     win = win._replace(padding=_args.padding(op, padding, tuple(in_hw), win.extent, stride))
     fits(op, "kernel", win, in_hw)
     return win
+
+
+MAX_ENTRIES = 2**31 - 1  # a stated bound on any array an op builds, checked before anything is allocated
+
+
+def check_size(op: str, x: jax.Array, w: jax.Array, window: Window, rule: str, store_phi: bool) -> None:
+    """The padded input, the output and (im2col rule) phi(pad(Z)) must each have at most ``MAX_ENTRIES`` entries:
+    a typo such as padding=10**4 would otherwise allocate tens of GB (or overflow 32-bit indexing)."""
+    n, c_in, c_out = x.shape[0], x.shape[3], w.shape[3]
+    (ho, wo), (hp, wp) = window.out_hw(x.shape[1:3]), window.padded_hw(x.shape[1:3])
+    arrays = {"padded input": (n, hp, wp, c_in), "output": (n, ho, wo, c_out)}
+    if rule == "im2col" or store_phi:
+        arrays["phi(pad(Z))"] = (n, ho, wo, w.shape[0] * w.shape[1] * c_in)
+    for what, shape in arrays.items():
+        if math.prod(shape) > MAX_ENTRIES:
+            raise ValueError(f"{op}: the {what} would have shape {shape}, {math.prod(shape):,} entries, more than "
+                             f"the limit of 2^31 - 1; use less padding, a smaller batch or smaller sizes")
 
 
 def fits(op: str, what: str, window: Window, in_hw, into: str = "input") -> None:
