@@ -7,23 +7,10 @@ import numpy as np
 import pytest
 
 import jaxcnn as jc
+from tests.test_higher_order import OPS as HIGHER_ORDER_OPS
 
 rng = np.random.default_rng(0)
-W, B = jnp.asarray(rng.normal(size=(3, 3, 1, 2))), jnp.asarray(rng.normal(size=(2,)))
-OPS = {
-    "conv2d im2col": lambda a, g: jc.conv2d(a, W, B, padding=1, grad=g, rule="im2col"),
-    "conv2d flip": lambda a, g: jc.conv2d(a, W, B, padding=1, grad=g, rule="flip"),
-    "conv_relu_pool": lambda a, g: jc.conv_relu_pool(a, W, B, padding=1, grad=g),
-    "max_pool2d": lambda a, g: jc.max_pool2d(a, 2, grad=g),
-    "max_pool2d general": lambda a, g: jc.max_pool2d(a, 3, 1, "SAME", grad=g),
-    "avg_pool2d": lambda a, g: jc.avg_pool2d(a, 2, grad=g),
-    "relu": lambda a, g: jc.relu(a, grad=g),
-    "sigmoid": lambda a, g: jc.sigmoid(a, grad=g),
-    "tanh": lambda a, g: jc.tanh(a, grad=g),
-    "dense": lambda a, g: jc.dense(a.reshape(2, 16), jnp.ones((16, 3)), grad=g),
-    "softmax_cross_entropy": lambda a, g: jc.softmax_cross_entropy(a.reshape(2, 16), jnp.array([1, 5]), grad=g),
-    "squared_error": lambda a, g: jc.squared_error(a.reshape(2, 16), jnp.array([1, 5]), grad=g),
-}
+OPS = {**HIGHER_ORDER_OPS, "max_pool2d general": lambda a, g: jc.max_pool2d(a, 3, 1, "SAME", grad=g)}
 
 
 @pytest.mark.parametrize("name", list(OPS))
