@@ -300,9 +300,7 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
             params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.rule)
         # The mean over devices of the shard means is the whole batch's objective and gradient.
-        value, grads = lax.pmean((value, grads), parallel.AXIS)
-        aux = {"loss": lax.pmean(aux["loss"], parallel.AXIS), "correct": lax.psum(aux["correct"], parallel.AXIS),
-               "finite": lax.pmin(aux["finite"].astype(jnp.int32), parallel.AXIS) > 0}
+        value, grads, aux = parallel.combine(mesh, value, grads, aux)
         grad_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
         ok = jnp.isfinite(value) & jnp.all(grad_finite)
         updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -385,7 +383,8 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
         logits = net.apply(params, x, grad=cfg.grad, rule=cfg.rule)
         losses = obj.per_example_loss(logits, y, cfg.loss)
         correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) * mask)
-        return lax.psum(jnp.sum(losses * mask), parallel.AXIS), lax.psum(correct, parallel.AXIS)
+        total = lax.psum(jnp.stack([jnp.sum(losses * mask), correct.astype(losses.dtype)]), parallel.AXIS)
+        return total[0], total[1]  # one collective per program (see parallel.combine)
 
     batch = P(parallel.AXIS)
     batch_stats = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), batch, batch, batch), out_specs=P(),
