@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -478,7 +479,7 @@ def _param_shapes(layer: Layer, in_shape: Shape, index: int) -> dict[str, Shape]
                          f"{_fmt(in_shape)}")
     shapes = layer.param_shapes(in_shape)
     for name, shape in shapes.items():
-        if int(np.prod(shape, dtype=object)) > MAX_LAYER_PARAMS:
+        if math.prod(shape) > MAX_LAYER_PARAMS:
             raise ValueError(f"layer {index} ({describe(layer)}): its {name} would have shape {_fmt(shape)}, more "
                              f"than {MAX_LAYER_PARAMS} entries; use smaller sizes")
     return shapes
