@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/jaxcnn demo
 
 test: setup
-	$(BIN)/python -m pytest -x -q
+	$(BIN)/python -m pytest -x -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check jaxcnn tests experiments

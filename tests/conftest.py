@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_gpu_deterministic_ops=true")
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 # float64 tests need x64; every test passes its dtype explicitly.
@@ -26,6 +27,23 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_sessionfinish(session):
+    """On a pytest-xdist worker: hand its geometry counts to the controller (``pytest_testnodedown``)."""
+    from tests.helpers import GEOMETRY_COUNTS
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["geometry"] = [[*key, n] for key, n in GEOMETRY_COUNTS.items()]
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without it
+def pytest_testnodedown(node):
+    """On the pytest-xdist controller: add up the workers' geometry counts."""
+    from tests.helpers import GEOMETRY_COUNTS
+
+    for family, cls, n in getattr(node, "workeroutput", {}).get("geometry", []):
+        GEOMETRY_COUNTS[family, cls] += n
 
 
 def pytest_terminal_summary(terminalreporter):

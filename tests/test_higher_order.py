@@ -52,12 +52,17 @@ def test_second_order_through_hand_rules_equals_autodiff():
     code) and, away from kinks, equal autodiff's second derivatives (float64, a tiny network: 29 parameters)."""
     f_hand, theta = tiny_loss("hand")
     f_auto, _ = tiny_loss("autodiff")
-    h_hand, h_auto = jax.jit(jax.hessian(f_hand))(theta), jax.jit(jax.hessian(f_auto))(theta)
+    v = jnp.asarray(np.random.default_rng(2).normal(size=theta.shape))
+
+    @jax.jit  # one program: eager jacfwd / jvp would compile every primitive on its own
+    def run(theta, v):
+        return (jax.hessian(f_hand)(theta), jax.hessian(f_auto)(theta), jax.jacfwd(jax.grad(f_hand))(theta),
+                jax.jvp(jax.grad(f_hand), (theta,), (v,))[1])
+
+    h_hand, h_auto, jacfwd_grad, hv = run(theta, v)
     assert h_hand.shape == (29, 29)
     np.testing.assert_allclose(h_hand, h_auto, rtol=1e-10, atol=1e-12 * float(jnp.abs(h_auto).max()))
-    np.testing.assert_allclose(jax.jacfwd(jax.grad(f_hand))(theta), h_auto, rtol=1e-10, atol=1e-13)
-    v = jnp.asarray(np.random.default_rng(2).normal(size=theta.shape))
-    _, hv = jax.jvp(jax.grad(f_hand), (theta,), (v,))
+    np.testing.assert_allclose(jacfwd_grad, h_auto, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(hv, h_auto @ v, rtol=1e-9, atol=1e-13)
 
 
@@ -127,15 +132,21 @@ def test_tangent_mode_networks_give_forward_mode_and_hessians():
     f_tangent, theta = tiny_loss("tangent")
     f_auto, _ = tiny_loss("autodiff")
     f_hand, _ = tiny_loss("hand")
-    np.testing.assert_allclose(jax.grad(f_tangent)(theta), jax.grad(f_hand)(theta), rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(jax.jit(jax.hessian(f_tangent))(theta), jax.jit(jax.hessian(f_auto))(theta),
-                               rtol=1e-9, atol=1e-12)
     net = jc.preset("digits-cnn")
     params = net.init(jax.random.key(0), (8, 8, 1), dtype=jnp.float64)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 1)))
     v = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) / p.size, params)
-    _, jv = jax.jvp(lambda p: net.apply(p, x, grad="tangent"), (params,), (v,))
-    np.testing.assert_allclose(jv, second_order.jvp(net, params, x, v)[1], rtol=1e-12, atol=1e-14)
+
+    @jax.jit
+    def run(theta, params, x, v):
+        return (jax.grad(f_tangent)(theta), jax.grad(f_hand)(theta), jax.hessian(f_tangent)(theta),
+                jax.hessian(f_auto)(theta), jax.jvp(lambda p: net.apply(p, x, grad="tangent"), (params,), (v,))[1],
+                second_order.jvp(net, params, x, v)[1])
+
+    g_tangent, g_hand, h_tangent, h_auto, jv, jv_hand = run(theta, params, x, v)
+    np.testing.assert_allclose(g_tangent, g_hand, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(h_tangent, h_auto, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(jv, jv_hand, rtol=1e-12, atol=1e-14)
     scale = jc.custom_op("scale", lambda x: 3 * x, lambda arrays, y, delta: (3 * delta,))
     user = jc.Sequential([jc.Custom(scale), jc.Flatten(), jc.Dense(2)])
     p = user.init(jax.random.key(0), (2, 2, 1), dtype=jnp.float64)

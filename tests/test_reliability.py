@@ -51,7 +51,8 @@ def jaxcnn(*args) -> list[str]:
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
     uninterrupted, killed = tmp_path / "a", tmp_path / "b"
-    subprocess.run(jaxcnn(*TRAIN, "--out", str(uninterrupted)), check=True, capture_output=True, timeout=300)
+    reference = subprocess.Popen(jaxcnn(*TRAIN, "--out", str(uninterrupted)), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)  # alongside the killed run: one core each
     delay = random.Random().uniform(0.0, 1.5)
     process = subprocess.Popen(jaxcnn(*TRAIN, "--out", str(killed)), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -66,6 +67,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
     assert not (killed / "summary.json").exists(), f"the run finished within {delay:.2f} s: nothing was killed"
     resumed = subprocess.run(jaxcnn("train", "--resume", "--out", str(killed), "--no-progress"), check=True,
                              capture_output=True, text=True, timeout=300)
+    reference_err = reference.communicate(timeout=300)[1]
+    assert reference.returncode == 0, reference_err[-3000:]
     assert "resuming" in resumed.stdout, resumed.stdout
     assert_same_run(uninterrupted, killed)
 

@@ -56,18 +56,26 @@ def test_gauss_newton_product_equals_the_explicit_matrix(loss):
     v = jax.random.normal(jax.random.key(2), theta.shape, jnp.float64)
     C, damping = 0.5, 0.3
     xi = {"squared": lambda z: jnp.sum((z - 1.0) ** 2), "ce": lambda z: -jax.nn.log_softmax(z)[1]}[loss]
-    G = (damping + 1 / C) * jnp.eye(theta.size)
-    for i in range(5):
-        J = jax.jacfwd(lambda t, i=i: net.apply(unravel(t), x[i:i + 1], grad="autodiff")[0])(theta)
-        B = jax.hessian(xi)(net.apply(params, x[i:i + 1], grad="autodiff")[0])
-        G = G + J.T @ B @ J / 5
-    for batch_size in (2, None):
-        gv = second_order.gauss_newton_product(net, params, x, unravel(v), loss=loss, C=C, damping=damping,
-                                               batch_size=batch_size)
-        np.testing.assert_allclose(ravel_pytree(gv)[0], G @ v, rtol=1e-11, atol=1e-13)
-        stored = second_order.forward(net, params, x, batch_size=batch_size)
-        gv = second_order.gauss_newton_product(net, params, stored, unravel(v), loss=loss, C=C, damping=damping)
-        np.testing.assert_allclose(ravel_pytree(gv)[0], G @ v, rtol=1e-11, atol=1e-13)
+
+    @jax.jit
+    def explicit(theta):
+        G = (damping + 1 / C) * jnp.eye(theta.size)
+        for i in range(5):
+            J = jax.jacfwd(lambda t, i=i: net.apply(unravel(t), x[i:i + 1], grad="autodiff")[0])(theta)
+            B = jax.hessian(xi)(net.apply(params, x[i:i + 1], grad="autodiff")[0])
+            G = G + J.T @ B @ J / 5
+        return G
+
+    @jax.jit
+    def products(params, x, v):
+        kw = dict(loss=loss, C=C, damping=damping)
+        return [second_order.gauss_newton_product(net, params, source, v, batch_size=batch_size, **kw)
+                for batch_size in (2, None)
+                for source in (x, second_order.forward(net, params, x, batch_size=batch_size))]
+
+    expected = explicit(theta) @ v
+    for gv in products(params, x, unravel(v)):
+        np.testing.assert_allclose(ravel_pytree(gv)[0], expected, rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.parametrize("name,rule", [("simplenn-mnist", "im2col"), ("lenet5", "flip"), ("digits-cnn", None)])
@@ -76,12 +84,19 @@ def test_a_stored_forward_pass_gives_the_same_product_and_keeps_only_costly_outp
     network; the stored pass holds the input and each conv / dense output, not the activations or pools."""
     plain, params, x, v = setup(name, SMALL[name], batch=5)
     for net in (plain, plain.fuse()):
-        stored = second_order.forward(net, params, x, batch_size=2, rule=rule)
+        stored = jax.jit(lambda params, x, net=net: second_order.forward(net, params, x, batch_size=2,
+                                                                         rule=rule))(params, x)
         kept = [type(layer).__name__ for layer, out in zip(net.layers, stored.stored) if out is not None]
         assert set(kept) <= {"Conv", "ConvReLUPool", "Dense"} and kept.count("Dense") >= 1, kept
         assert stored.stored[-1].shape == (3, 2, *SMALL[name]) and stored.mask.sum() == 5
-        a = second_order.gauss_newton_product(net, params, stored, v, loss="ce", C=2.0, rule=rule)
-        b = second_order.gauss_newton_product(net, params, x, v, loss="ce", C=2.0, batch_size=2, rule=rule)
+
+        @jax.jit
+        def products(params, stored, x, v, net=net):
+            kw = dict(loss="ce", C=2.0, rule=rule)
+            return (second_order.gauss_newton_product(net, params, stored, v, **kw),
+                    second_order.gauss_newton_product(net, params, x, v, batch_size=2, **kw))
+
+        a, b = products(params, stored, x, v)
         assert_close(ravel_pytree(a)[0], ravel_pytree(b)[0], jnp.float64, f"{net.name} stored G v")
 
 
@@ -107,14 +122,14 @@ x = jax.random.normal(jax.random.key(1), (12, 8, 8, 1))
 flat, unravel = ravel_pytree(params)
 v = unravel(jax.random.normal(jax.random.key(2), flat.shape))
 kw = dict(loss="ce", C=10.0, damping=0.5, batch_size=2)
-one = second_order.gauss_newton_product(net, params, x, v, **kw)
+one = jax.jit(lambda x: second_order.gauss_newton_product(net, params, x, v, **kw))(x)
 mesh = parallel.make_mesh()
 sharded = jax.jit(jax.shard_map(lambda x: second_order.gauss_newton_product(net, params, x, v, axis_name="batch",
                                                                            **kw),
                                 mesh=mesh, in_specs=P("batch"), out_specs=P(), check_vma=False))(x)
 a, b = ravel_pytree(one)[0], ravel_pytree(sharded)[0]
 jv = lambda x: jax.jvp(lambda p: net.apply(p, x, grad="tangent"), (params,), (v,))[1]  # forward mode, tangent rules
-jv_one = jv(x)
+jv_one = jax.jit(jv)(x)
 jv_sharded = jax.jit(jax.shard_map(jv, mesh=mesh, in_specs=P("batch"), out_specs=P("batch"), check_vma=False))(x)
 print(json.dumps({"devices": mesh.size, "rel": float(jnp.abs(a - b).max() / jnp.abs(a).max()),
                   "jv_rel": float(jnp.abs(jv_one - jv_sharded).max() / jnp.abs(jv_one).max())}))
