@@ -4,10 +4,12 @@
 
 On simplenn-mnist (28x28x1, squared loss, float32), side by side in one process, timed round-robin after
 compilation: one hand gradient of the objective on a batch; one G v on the same batch by the hand rules
-(``jaxcnn.second_order``: tangent rules, then hand VJPs); and the natural JAX alternative, J^T B J v by
-``jax.jvp`` then ``jax.vjp`` through the autodiff network. Then both as conjugate gradient uses them, the forward
-pass at the current parameters done once (``second_order.forward``; ``jax.linearize``). Then the compiled
-temporary memory of G v over a subsample of 512 examples against the segment size (``batch_size``).
+(``jaxcnn.second_order``: tangent rules, then hand VJPs); and J^T B J v by ``jax.jvp`` then ``jax.vjp`` through
+two networks: the XLA network a JAX user writes (``lax.conv_general_dilated``, ``lax.reduce_window``: the
+baseline of BENCHMARKS.md), and this library's own forward pass (``grad="autodiff"``; on CPU its convolutions are
+phi(pad(Z)) products, so JAX's transposes run the hand rules' very products). Then each as conjugate gradient uses
+them, the forward pass at the current parameters done once (``second_order.forward``; ``jax.linearize``). Then
+the compiled temporary memory of G v over a subsample of 512 examples against the segment size (``batch_size``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from experiments._common import machine, parser, table, write
 from jaxcnn import bench, network, objective, second_order
+
+HAND_GRADIENT = "hand gradient"
+HAND, HAND_STORED = "G v, hand rules", "G v, hand rules, forward stored"
+AUTODIFF, AUTODIFF_LINEARIZED = "G v, jvp + vjp, our forward (autodiff)", "G v, our forward, jax.linearize once"
+XLA, XLA_LINEARIZED = "G v, jvp + vjp, XLA network", "G v, XLA network, jax.linearize once"
 
 
 def timings(functions: dict, rounds: int) -> dict[str, float]:
@@ -59,40 +67,47 @@ def main(argv=None) -> None:
     def gv_hand(params, x):
         return second_order.gauss_newton_product(net, params, x, v, loss="squared", C=C)
 
-    def gv_autodiff(params, x):
-        f = lambda p: net.apply(p, x, grad="autodiff")
-        z, jv = jax.jvp(f, (params,), (v,))
-        _, pullback = jax.vjp(f, params)
-        (jtbjv,) = pullback(second_order.GN["squared"](z, jv))
-        return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
+    def jvp_vjp(apply):
+        """J^T B J v by jax.jvp then jax.vjp of ``apply(params, x)``, plus the regulariser."""
+        def gv(params, x):
+            f = lambda p: apply(p, x)
+            z, jv = jax.jvp(f, (params,), (v,))
+            _, pullback = jax.vjp(f, params)
+            (jtbjv,) = pullback(second_order.GN["squared"](z, jv))
+            return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
+        return gv
+
+    ours = lambda p, x: net.apply(p, x, grad="autodiff")
+    xla = lambda p, x: bench.xla_apply(net, p, x)
 
     # As conjugate gradient uses them: the forward pass at the current parameters done once, outside the timing.
     stored = jax.jit(lambda params, x: second_order.forward(net, params, x))(params, x)
-    z, f_jvp = jax.linearize(lambda p: net.apply(p, x, grad="autodiff"), params)
-    f_vjp = jax.linear_transpose(f_jvp, params)
 
     def gv_hand_stored(params, stored):
         return second_order.gauss_newton_product(net, params, stored, v, loss="squared", C=C)
 
-    def gv_autodiff_linearized(z, v):
-        (jtbjv,) = f_vjp(second_order.GN["squared"](z, f_jvp(v)))
-        return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
+    def linearized(apply):
+        """J^T B J v by the jvp of one ``jax.linearize`` and its ``jax.linear_transpose``: (f, its args)."""
+        z, f_jvp = jax.linearize(jax.jit(lambda p: apply(p, x)), params)
+        f_vjp = jax.linear_transpose(f_jvp, params)
 
-    functions = {"hand gradient": (jax.jit(gradient), (params, x)),
-                 "G v, hand rules": (jax.jit(gv_hand), (params, x)),
-                 "G v, jax.jvp + jax.vjp (autodiff)": (jax.jit(gv_autodiff), (params, x)),
-                 "G v, hand rules, forward stored": (jax.jit(gv_hand_stored), (params, stored)),
-                 "G v, autodiff, jax.linearize once": (jax.jit(gv_autodiff_linearized), (z, v))}
-    results = [f(*a) for f, a in list(functions.values())[1:]]
-    agree = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                for result in results[1:]
-                for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(result)))
+        def gv(z, v):
+            (jtbjv,) = f_vjp(second_order.GN["squared"](z, f_jvp(v)))
+            return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
+        return jax.jit(gv), (z, v)
+
+    functions = {HAND_GRADIENT: (jax.jit(gradient), (params, x)),
+                 HAND: (jax.jit(gv_hand), (params, x)),
+                 AUTODIFF: (jax.jit(jvp_vjp(ours)), (params, x)),
+                 XLA: (jax.jit(jvp_vjp(xla)), (params, x)),
+                 HAND_STORED: (jax.jit(gv_hand_stored), (params, stored)),
+                 AUTODIFF_LINEARIZED: linearized(ours),
+                 XLA_LINEARIZED: linearized(xla)}
+    results = [ravel_pytree(f(*a))[0] for f, a in list(functions.values())[1:]]
+    agree = max(float(jnp.max(jnp.abs(results[0] - r)) / jnp.max(jnp.abs(r))) for r in results[1:])
     seconds = timings(functions, 3 if args.quick else 15)
-    base = seconds["hand gradient"]
+    base = seconds[HAND_GRADIENT]
     rows = [[name, f"{s * 1e3:.1f}", f"{s / base:.2f}x"] for name, s in seconds.items()]
-    ratio = seconds["G v, hand rules"] / seconds["G v, jax.jvp + jax.vjp (autodiff)"]
-    stored_ratio = seconds["G v, hand rules, forward stored"] / seconds["G v, jax.jvp + jax.vjp (autodiff)"]
-    linearized_ratio = seconds["G v, hand rules, forward stored"] / seconds["G v, autodiff, jax.linearize once"]
 
     subsample = jax.random.normal(keys[0], (64 if args.quick else 512, *shape), jnp.float32)
     memory = []
@@ -108,13 +123,18 @@ def main(argv=None) -> None:
         f"Machine: {machine()}; measured float32 matmul ceiling {ceiling:.0f} GFLOP/s. Command: "
         f"`python -m experiments.gauss_newton_cost`{' --quick' if args.quick else ''}.",
         f"simplenn-mnist, input {'x'.join(map(str, shape))}, batch {batch}, float32, squared loss; median of "
-        "round-robin calls after compilation. The four G v agree to "
+        "round-robin calls after compilation. The six G v agree to "
         f"{agree:.1e} (max |difference| / max |value|).",
         table(["step", "ms", "vs hand gradient"], rows),
-        f"G v by the hand rules takes {seconds['G v, hand rules'] / base:.2f}x one hand gradient (goal <= 2.0x) and "
-        f"{ratio:.2f}x autodiff's jvp + vjp (goal <= 0.8x). With the forward pass stored, as conjugate gradient "
-        f"(and simpleNN) uses it: {stored_ratio:.2f}x autodiff's jvp + vjp, and {linearized_ratio:.2f}x autodiff "
-        "doing the same (`jax.linearize` once, then its jvp and `jax.linear_transpose` per product).",
+        f"G v by the hand rules takes {seconds[HAND] / base:.2f}x one hand gradient (goal <= 2.0x); "
+        f"{seconds[HAND] / seconds[XLA]:.2f}x jvp + vjp through the XLA network, what a JAX user writes (goal <= "
+        f"0.8x); {seconds[HAND] / seconds[AUTODIFF]:.2f}x jvp + vjp through this library's forward pass "
+        "(`grad=\"autodiff\"`: the same phi(pad(Z)) products as the hand rules, which JAX's transposes of them "
+        "reproduce). With the forward pass stored, as conjugate gradient (and simpleNN) uses it: "
+        f"{seconds[HAND_STORED] / seconds[XLA_LINEARIZED]:.2f}x the XLA network linearized once, "
+        f"{seconds[HAND_STORED] / seconds[AUTODIFF_LINEARIZED]:.2f}x this library's forward pass linearized once "
+        "(`jax.linearize` keeps every residual, phi(pad(Z)) included; the stored forward pass keeps the layer "
+        "outputs and rebuilds phi(pad(Z)) in each product).",
         f"Compiled temporary memory of G v over {subsample.shape[0]} examples, by segment size:",
         table(["segment (batch_size)", "temp MiB"], memory),
     ])
