@@ -9,7 +9,8 @@ two networks: the XLA network a JAX user writes (``lax.conv_general_dilated``, `
 baseline of BENCHMARKS.md), and this library's own forward pass (``grad="autodiff"``; on CPU its convolutions are
 phi(pad(Z)) products, so JAX's transposes run the hand rules' very products). Then each as conjugate gradient uses
 them, the forward pass at the current parameters done once (``second_order.forward``; ``jax.linearize``). Then
-the compiled temporary memory of G v over a subsample of 512 examples against the segment size (``batch_size``).
+the compiled temporary memory of G v over a subsample of 512 examples, and of a whole Newton iteration on 6,000
+examples, against the segment size (``batch_size``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments._common import machine, parser, table, write
-from jaxcnn import bench, network, objective, second_order
+from jaxcnn import bench, network, newton, objective, second_order, train
 
 HAND_GRADIENT = "hand gradient"
 HAND, HAND_STORED = "G v, hand rules", "G v, hand rules, forward stored"
@@ -45,10 +46,34 @@ def timings(functions: dict, rounds: int) -> dict[str, float]:
 
 
 def temp_bytes(f, *args) -> int | None:
+    """Compiled temporary bytes of ``f(*args)`` (None where the backend does not say)."""
     try:
         return int(jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes)
     except (NotImplementedError, AttributeError):
         return None
+
+
+def iteration_memory(net, shape, examples: int, sizes, C: float) -> list[list]:
+    """Rows [segment, objective + gradient MiB, CG (forward stored) MiB, CG (forward recomputed) MiB] of compiled
+    temporary memory for a Newton iteration over ``examples`` random images, S_k = 5% of them (not zeros: XLA
+    would fold the forward pass of a constant zero input at compile time)."""
+    keys = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(keys[0], (examples, *shape), jnp.float32)
+    y = jax.random.randint(keys[1], (examples,), 0, 10)
+    params = net.init(jax.random.key(0), shape)
+    theta = ravel_pytree(params)[0]
+    x_sub = x[:max(1, -(-examples // 20))]
+    rows = []
+    for size in sizes:
+        cfg = train.TrainConfig(batch_size=size, loss="squared")
+        row = [size]
+        for store in (True, False):
+            value_grad, _, cg, _ = newton.make_functions(net, cfg, x, y, C, store=store)(params)
+            if store:
+                row.append(temp_bytes(value_grad, theta))
+            row.append(temp_bytes(cg, theta, theta, jnp.float32(1.0), x_sub))
+        rows.append([size, *("-" if b is None else f"{b / 2**20:.1f}" for b in row[1:])])
+    return rows
 
 
 def main(argv=None) -> None:
@@ -87,14 +112,19 @@ def main(argv=None) -> None:
         return second_order.gauss_newton_product(net, params, stored, v, loss="squared", C=C)
 
     def linearized(apply):
-        """J^T B J v by the jvp of one ``jax.linearize`` and its ``jax.linear_transpose``: (f, its args)."""
+        """J^T B J v by the jvp of one ``jax.linearize`` and its ``jax.linear_transpose``: (f, its args). The
+        linearization's residuals are passed as arguments, as conjugate gradient would hold them: closed over,
+        they would be constants that XLA folds at compile time."""
         z, f_jvp = jax.linearize(jax.jit(lambda p: apply(p, x)), params)
-        f_vjp = jax.linear_transpose(f_jvp, params)
+        closed = jax.make_jaxpr(f_jvp)(v)
 
-        def gv(z, v):
-            (jtbjv,) = f_vjp(second_order.GN["squared"](z, f_jvp(v)))
+        def gv(z, v, residuals):
+            def jv(v):
+                return jax.core.eval_jaxpr(closed.jaxpr, residuals, *jax.tree_util.tree_leaves(v))[0]
+
+            (jtbjv,) = jax.linear_transpose(jv, v)(second_order.GN["squared"](z, jv(v)))
             return jax.tree_util.tree_map(lambda t, vi: vi / C + t / x.shape[0], jtbjv, v)
-        return jax.jit(gv), (z, v)
+        return jax.jit(gv), (z, v, closed.consts)
 
     functions = {HAND_GRADIENT: (jax.jit(gradient), (params, x)),
                  HAND: (jax.jit(gv_hand), (params, x)),
@@ -117,6 +147,9 @@ def main(argv=None) -> None:
         temp = temp_bytes(f, params, subsample)
         memory.append([size, "-" if temp is None else f"{temp / 2**20:.1f}"])
 
+    examples, sizes = (64, (16,)) if args.quick else (6000, (32, 64, 128, 256))
+    iteration = iteration_memory(net, shape, examples, sizes, C)
+
     ceiling = bench.matmul_ceiling(256 if args.quick else None)
     report = "\n\n".join([
         "# The cost of one Gauss-Newton product",
@@ -137,6 +170,13 @@ def main(argv=None) -> None:
         "outputs and rebuilds phi(pad(Z)) in each product).",
         f"Compiled temporary memory of G v over {subsample.shape[0]} examples, by segment size:",
         table(["segment (batch_size)", "temp MiB"], memory),
+        f"Compiled temporary memory of one Newton iteration's two programs (`jaxcnn.newton.make_functions`) on "
+        f"{examples} training examples, S_k = 5% of them ({max(1, -(-examples // 20))}), by segment size: the "
+        "objective and gradient over the training set, and conjugate gradient on S_k with S_k's forward pass "
+        "stored (simpleNN's way, the default up to `newton.STORE_LIMIT`) or recomputed in every product. The "
+        "iteration's peak is the larger of the two programs:",
+        table(["segment (batch_size)", "objective + gradient MiB", "CG, forward stored MiB",
+               "CG, forward recomputed MiB"], iteration),
     ])
     print(report)
     write(args.out, "gauss_newton_cost.md", report + "\n")
