@@ -43,13 +43,8 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
 
 def combine(mesh: Mesh, value: jax.Array, grads, aux: dict):
     """Inside the training step: the objective, gradients and loss averaged over the devices, the correct counts
-    summed and the finite flags and-ed, by ONE all-reduce of one packed vector.
-
-    Several collectives in one program are independent operations that XLA's CPU runtime may start in either
-    order on each device, and JAX gives them all channel id 1. Measured with 2 CPU devices on 2 cores, im2col
-    rule, per-device batch 3 (`jaxcnn train --batch-size 6`): 7 of 8 runs aborted in the all-reduce rendezvous with
-    the step's four collectives, 0 of 8 with this one. (With XLA's optimisation level 0 runs still hang, so this is
-    a mitigation, not the whole cause.)"""
+    summed and the finite flags and-ed, by ONE all-reduce of one packed vector (one rendezvous per step instead of
+    four; see ``pace`` for why CPU devices need as few as possible)."""
     flat, unravel = ravel_pytree(grads)
     dtype = flat.dtype
     scalars = jnp.stack([value.astype(dtype), aux["loss"].astype(dtype), aux["correct"].astype(dtype)])
@@ -59,6 +54,26 @@ def combine(mesh: Mesh, value: jax.Array, grads, aux: dict):
     aux = {"loss": (total[1] / n).astype(aux["loss"].dtype), "correct": total[2].astype(aux["correct"].dtype),
            "finite": total[3:3 + layers] == 0}
     return (total[0] / n).astype(value.dtype), unravel(total[3 + layers:] / n), aux
+
+
+def paced(mesh: Mesh) -> bool:
+    """Whether ``pace`` waits: the mesh spans several CPU devices."""
+    return mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+def pace(mesh: Mesh, results: list) -> None:
+    """Call after dispatching each program of a loop over ``mesh`` (``results``: their outputs so far, newest
+    last): on several CPU devices, wait for the one before the newest, so that at most two programs are in flight.
+
+    XLA's CPU client deadlocks when the host runs far ahead of multi-device programs with collectives: measured
+    with 2 CPU devices on 2 cores, im2col rule, `jaxcnn train --batch-size 6` at XLA optimisation level 0, every
+    run hung (3 of 3; 2 of 2 with batch 2). Its stacks: one device's share of a step waiting in the all-reduce
+    rendezvous, the other device's share of the same step not started, its launch waiting for that device's
+    in-flight-computations semaphore, every other thread idle. Waiting for the step before the last: 6 of 6 runs
+    finished, 4 of 4 with batch 2. GPUs and single devices do not wait (there the run-ahead is what keeps the
+    device busy)."""
+    if len(results) > 1 and paced(mesh):
+        jax.block_until_ready(results[-2])
 
 
 def make_mesh(devices: int | None = None) -> Mesh:

@@ -253,6 +253,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
                 params, opt_state, guard, value, aux = step(params, opt_state, guard, xb, yb)
                 values.append(value)
                 corrects.append(aux["correct"])
+                parallel.pace(mesh, values)
                 pos.step += 1
                 bar.update()
                 if progress and (s % 20 == 0 or s == steps - 1):
@@ -400,6 +401,7 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
             totals.append(batch_stats(params, *parallel.global_batch(mesh, np.arange(size), xb, yb, mask)))
+            parallel.pace(mesh, totals)
         loss, correct = np.sum(np.asarray(parallel.to_host(totals), np.float64), axis=0)
         return {"loss": float(loss) / len(x), "accuracy": float(correct) / len(x)}
 

@@ -35,6 +35,19 @@ def test_eight_devices_give_the_params_of_one():
                                "of 8 (or fewer devices with --devices)")
 
 
+def test_the_smallest_batches_on_two_cpu_devices_do_not_hang():
+    """Issue 15 item 8, at the tests' XLA optimisation level 0 (where every such run hung before
+    ``parallel.pace``): batches 2 and 6 over 2 devices, im2col, 200 steps each, give one device's params."""
+    env = env_with_devices(2)
+    env["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=20"  # a hang fails in 20 s
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_devices.py"), "small"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["steps"] == [200, 200], result
+    assert result["params_rel"] < 1e-5, result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
