@@ -402,7 +402,13 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
     net = nw.preset(preset)
     params, x, y = _inputs(net, input_shape, batch, dtype, seed)
     runners: dict[str, Callable] = {}
-    for name, loss in (variants or jax_variants(net)).items():
+    if variants is None:
+        from jaxcnn import autotune
+
+        variants = jax_variants(net)
+        tuned = autotune.tune(net, input_shape, batch, dtype, log=progress or (lambda line: None))[0]
+        variants["hand auto"] = lambda p, x, y: obj.objective(p, tuned, x, y)[0]  # rule="auto"
+    for name, loss in variants.items():
         runners[name] = JaxStep(loss, params, x, y)
     model = flax_model(net) if variants is None else None
     if model is not None:

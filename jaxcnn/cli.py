@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.01 x training examples with --optimizer newton)")
     t.add_argument("--grad", choices=["hand", "autodiff", "tangent"],
                    help="gradient mode of every layer (default hand; tangent: JAX transposes the hand tangent rules)")
-    t.add_argument("--rule", choices=["im2col", "flip"],
-                   help="hand rule of the convolutions (default: the backend's faster: im2col on CPU, flip on GPU/TPU)")
+    t.add_argument("--rule", choices=["im2col", "flip", "auto"],
+                   help="hand rule of the convolutions (default: the backend's usually faster, im2col on CPU, flip "
+                        "on GPU/TPU; auto: the fastest for this network, timed on this machine once and cached)")
     t.add_argument("--fuse", action="store_true", default=None,
                    help="use Lin's fused conv-ReLU-pool block where possible")
     t.add_argument("--seed", type=int, help="seed of the initial weights, validation split and batch order")
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--steps", type=int, default=20)
     bn.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     bn.add_argument("--no-torch", dest="torch", action="store_false", help="skip PyTorch even if importable")
+    bn.add_argument("--tune", action="store_true",
+                    help="instead of the step benchmark, time the candidate conv rules on the preset anew and "
+                         "store the fastest in the cache that --rule auto reads")
     bn.add_argument("--profile", action="store_true",
                     help="also show where the step's time goes, op by op (jax.profiler), hand im2col vs xla autodiff")
 
@@ -291,6 +295,14 @@ def cmd_bench(args) -> int:
     if args.batch_size < 1 or args.steps < 1:
         raise ValueError("--batch-size and --steps must be >= 1")
     shape = input_shape(args.preset)
+    if args.tune:
+        from jaxcnn import autotune
+
+        print(f"jaxcnn bench --tune: {args.preset} ({'x'.join(map(str, shape))}), batch {args.batch_size}, "
+              f"{args.dtype}, on {autotune.machine_key()}")
+        autotune.tune(network.preset(args.preset), shape, args.batch_size, jnp.dtype(args.dtype), remeasure=True)
+        print(f"stored in {autotune.cache_file()}")
+        return 0
     print(f"jaxcnn bench: {args.preset} ({'x'.join(map(str, shape))}), batch {args.batch_size}, {args.dtype}, "
           f"{args.steps} steps per variant, on {make_mesh(1).devices.flat[0].device_kind}")
     ceiling = bench.matmul_ceiling(dtype=jnp.dtype(args.dtype))

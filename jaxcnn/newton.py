@@ -63,7 +63,7 @@ def stored_bytes(net: Sequential, cfg, input_shape: tuple, count: int, dtype=jnp
     def forward(x):
         params = net.init(jax.random.key(0), input_shape, dtype=dtype)
         return second_order.forward(net, params, x, batch_size=min(cfg.batch_size, count), grad=cfg.grad,
-                                    rule=cfg.rule).stored
+                                    rule=cfg.op_rule).stored
 
     stored = jax.eval_shape(forward, jax.ShapeDtypeStruct((count, *input_shape), dtype))
     return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(stored))
@@ -89,7 +89,7 @@ def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: 
 
     def segment_terms(params, x, y, w):
         """sum_i xi_i over one segment and its number of correct predictions."""
-        logits = net.apply(params, x, grad=cfg.grad, rule=cfg.rule)
+        logits = net.apply(params, x, grad=cfg.grad, rule=cfg.op_rule)
         xi = obj.per_example_loss(logits, y, cfg.loss)
         return jnp.sum(jnp.where(w, xi, 0.0)), jnp.sum((jnp.argmax(logits, -1) == y) & w, dtype=jnp.int32)
 
@@ -118,12 +118,12 @@ def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: 
         def cg(theta, g, lam, x_sub):
             params = unravel(theta)
             sub = second_order.forward(net, params, x_sub, batch_size=min(cfg.batch_size, x_sub.shape[0]),
-                                       grad=cfg.grad, rule=cfg.rule) if store else x_sub
+                                       grad=cfg.grad, rule=cfg.op_rule) if store else x_sub
 
             def gv(v):  # (lambda + 1/C) v + (1/|S|) J^T B J v
                 product = second_order.gauss_newton_product(
                     net, params, sub, unravel(v), loss=cfg.loss, C=C, damping=lam, batch_size=cfg.batch_size,
-                    grad=cfg.grad, rule=cfg.rule)
+                    grad=cfg.grad, rule=cfg.op_rule)
                 return ravel_pytree(product)[0]
 
             tol = cfg.cg_tol * jnp.linalg.norm(g)

@@ -32,7 +32,7 @@ from jaxcnn import objective as obj
 from jaxcnn import parallel
 from jaxcnn._io import atomic_path, atomic_write, strict_json
 from jaxcnn.checkpoint import list_states, newest_state, save_model, save_state
-from jaxcnn.network import Sequential, describe
+from jaxcnn.network import Conv, Sequential, describe
 from jaxcnn.ops import _args
 from jaxcnn.ops.conv import resolve as resolve_rule
 
@@ -56,7 +56,7 @@ class TrainConfig:
     loss: str = "ce"
     C: float | None = None
     grad: str = "hand"
-    rule: str | None = None  # None: the backend's faster rule (conv2d's default)
+    rule: str | None = None  # None: the backend's faster rule (conv2d's default); "auto": timed (jaxcnn.autotune)
     seed: int = 0
     val_fraction: float = 0.1
     # optimizer = "newton" (simpleNN's Newton method, jaxcnn.newton): iterations instead of epochs
@@ -66,6 +66,12 @@ class TrainConfig:
     cg_max: int = 250  # ... or after cg_max iterations
     damping: float = 1.0  # Levenberg-Marquardt's lambda at the start
 
+    @property
+    def op_rule(self) -> str | None:
+        """The ``rule`` the ops are called with: "auto" is settled per layer before training (``tuned``), and
+        the layers it did not reach take the backend's default."""
+        return None if self.rule == "auto" else self.rule
+
     def __post_init__(self):
         if self.dataset not in datasets.DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(datasets.DATASETS)}, got {self.dataset!r}")
@@ -73,7 +79,7 @@ class TrainConfig:
         _args.choice("train", "schedule", self.schedule, SCHEDULES)
         _args.choice("train", "grad", self.grad, _args.GRAD_MODES)
         if self.rule is not None:
-            _args.choice("train", "rule", self.rule, _args.CONV_RULES)
+            _args.choice("train", "rule", self.rule, (*_args.CONV_RULES, "auto"))
         obj.check(self.loss, self.C)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
@@ -202,6 +208,8 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     from tqdm import tqdm
 
     _args.choice("fit", "on_nan", on_nan, ("stop", "skip"))
+    if cfg.rule == "auto":  # a no-op for layers tuned already (``run`` tunes first, to record and log the rules)
+        net = tuned(net, prep, cfg, devices, log=lambda line: None)
     if cfg.optimizer == "newton":
         from jaxcnn import newton
 
@@ -288,6 +296,19 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     return result
 
 
+def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None, log: Callable[[str], None]
+          ) -> Sequential:
+    """``net`` with the rule fastest on this machine for its conv layers that name none (``jaxcnn.autotune``),
+    timed at the batch each device computes."""
+    from jaxcnn import autotune
+
+    if jax.process_count() > 1:  # each process would time on its own and might choose another rule
+        raise ValueError("train: rule='auto' is for one process; with several, name the rule (--rule im2col or "
+                         "--rule flip; `jaxcnn bench --tune` shows which is faster here)")
+    per_device = max(1, cfg.batch_size // parallel.make_mesh(devices).size)
+    return autotune.tune(net, prep.input_shape, per_device, log=log)[0]
+
+
 def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfig, mesh, skip: bool = False):
     """The jitted, data-parallel training step on a batch split over ``mesh``: returns (params, opt_state, guard,
     f, aux), all replicated.
@@ -299,7 +320,7 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
 
     def local(params, opt_state, guard, x, y):
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
-            params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.rule)
+            params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule)
         # The mean over devices of the shard means is the whole batch's objective and gradient.
         value, grads, aux = parallel.combine(mesh, value, grads, aux)
         grad_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
@@ -381,7 +402,7 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
     size = -(-max(1, min(max_batch, largest)) // mesh.size) * mesh.size
 
     def local(params, x, y, mask):
-        logits = net.apply(params, x, grad=cfg.grad, rule=cfg.rule)
+        logits = net.apply(params, x, grad=cfg.grad, rule=cfg.op_rule)
         losses = obj.per_example_loss(logits, y, cfg.loss)
         correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) * mask)
         total = lax.psum(jnp.stack([jnp.sum(losses * mask), correct.astype(losses.dtype)]), parallel.AXIS)
@@ -436,7 +457,10 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     dataset = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download, progress=progress)
     prep = prepare(dataset, cfg)
     check_network(net, prep.input_shape, prep.classes)
-    rule = resolve_rule("train", cfg.rule, None)[0]  # for the record: what layers without a rule of their own use
+    if cfg.rule == "auto":  # before run.json is written: it records the rules chosen, and --resume reuses them
+        net = tuned(net, prep, cfg, devices, log)
+    # for the record: what layers without a rule of their own use
+    rule = "auto" if cfg.rule == "auto" else resolve_rule("train", cfg.rule, None)[0]
     log(f"{recipe} on {prep.name}: {len(prep.x_fit)} training, {len(prep.x_val)} validation, "
         f"{len(prep.x_test)} test images {'x'.join(map(str, prep.input_shape))}; "
         f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={rule}; "
@@ -491,7 +515,9 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": rule,
                "recipe": recipe, "dataset": prep.name, "skipped_steps": result.skipped, "resumed": bool(resume_from),
                "device": jax.devices()[0].device_kind, "devices": mesh.size, "processes": jax.process_count(),
-               "jax": jax.__version__, "train": dataclasses.asdict(cfg), "network": net.to_config()}
+               "jax": jax.__version__, "train": dataclasses.asdict(cfg), "network": net.to_config(),
+               "conv_rules": {name: (layer.rule or rule) + (" (phi stored)" if layer.store_phi else "")
+                              for name, layer in zip(net.names, net.layers) if isinstance(layer, Conv)}}
     if main:
         save_model(out / "model.safetensors", net, result.params, prep.mean,
                    {**meta, "epoch": result.best_epoch, "test": result.test})

@@ -6,6 +6,11 @@ import os
 # is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_gpu_deterministic_ops=true")
 
+import tempfile
+
+# rule="auto" caches its timings per machine (jaxcnn.autotune); the tests keep theirs apart from the user's.
+os.environ.setdefault("JAXCNN_CACHE_DIR", tempfile.mkdtemp(prefix="jaxcnn-test-cache-"))
+
 import jax
 import pytest
 from hypothesis import HealthCheck, settings

@@ -53,7 +53,7 @@ def test_torch_mirror_runs_a_step():
 def test_run_and_table():
     result = bench.run("digits-cnn", (8, 8, 1), 8, steps=2, torch=False)
     names = [m.name for m in result["measurements"]]
-    assert {"hand im2col", "hand flip", "hand fused", "autodiff", "xla autodiff"} <= set(names)
+    assert {"hand im2col", "hand flip", "hand fused", "hand auto", "autodiff", "xla autodiff"} <= set(names)
     assert all(m.median_ms > 0 and m.min_ms <= m.median_ms <= m.max_ms for m in result["measurements"])
     assert all(m.compile_s > 0 and m.temp_mb is not None for m in result["measurements"] if m.name != "flax")
     table = bench.table(result, ceiling=100.0)

@@ -1,0 +1,171 @@
+"""``rule="auto"``: the convolutions' hand rule chosen by timing the candidates on this machine, as cuDNN's
+benchmark mode does, and kept in an on-disk cache.
+
+Which rule is fastest depends on the machine, not on the math: the im2col products (Lin eq. 12, 14, 18, with
+phi(pad(Z)) stored in the forward pass or rebuilt in the backward pass) or Ray's flip rule (XLA's convolutions).
+On one 2-core CPU im2col wins by 2x, on another 2-core CPU with a 6x faster matrix unit flip wins by 15%, and on
+GPUs flip wins (BENCHMARKS.md). So ``tune`` times one jitted gradient of the network's objective (forward and
+backward of every layer: what a training step computes) at the run's input shape, batch and dtype with each
+candidate given to every conv layer that names no rule of its own, on the network as given and on its fused form
+(Lin's Conv-ReLU-pool block, eq. 24-28: the same function and params), and keeps the fastest.
+
+The whole network is timed, not each layer alone: a layer's rule changes what XLA fuses around it, and on the
+machine of BENCHMARKS.md the per-layer winners, timed one layer at a time, made the network slower than every
+uniform rule (simplenn-mnist, batch 128: 112.8 ms a step against 88.0-104.2 ms).
+
+Timing happens before anything is traced, from the shapes alone; the winner for each network geometry is stored
+under the machine's key (CPU model and vector extensions, or GPU name; JAX version) in ``cache_file()``, so that
+later runs on the same machine reuse it without timing. Timing is noisy: two machines, or two fresh timings on a
+busy machine, can choose differently, so a run records the rules it used (its network config), and ``--resume``
+reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn import network as nw
+from jaxcnn._io import atomic_write, strict_json
+
+RULES = (("im2col", True), ("im2col", False), ("flip", False))  # (rule, store_phi)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def label(rule: str, store_phi: bool | None, fused: bool = False) -> str:
+    """A candidate's name in logs, the cache and ``summary.json``: ``im2col (phi stored)``, ``im2col``, ``flip``,
+    each with ``fused, `` in front for the network with Lin's fused blocks."""
+    return f"{'fused, ' if fused else ''}{rule}{' (phi stored)' if store_phi else ''}"
+
+
+def candidates(net: nw.Sequential) -> list[tuple[bool, str, bool]]:
+    """(fused, rule, store_phi) to time: each rule, on the network as given and, where it has Conv -> ReLU ->
+    MaxPool runs, on its fused form (``Sequential.fuse``: the same function and params)."""
+    return [(fused, *rule) for fused in ((False, True) if net.fuse() != net else (False,)) for rule in RULES]
+
+
+def machine_key() -> str:
+    """What the timings depend on: the CPU model and its vector extensions, or the accelerator; JAX's version."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{device.platform} {device.device_kind}; jax {jax.__version__}"
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = " ".join(f for f in ISA_FLAGS if f in flags)
+    return f"cpu {model} [{isa}]; {os.cpu_count()} cores; jax {jax.__version__}"
+
+
+def cache_file() -> Path:
+    """``$JAXCNN_CACHE_DIR/rules.json``, else ``$XDG_CACHE_HOME/jaxcnn/rules.json`` (``~/.cache/jaxcnn``)."""
+    base = os.environ.get("JAXCNN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "jaxcnn"
+    return Path(base) / "rules.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measure anew (it is only a cache)
+    return cache if isinstance(cache, dict) else {}
+
+
+def _complete(ms, net: nw.Sequential) -> bool:
+    """Whether a cache entry holds a positive time for every candidate (else it is measured anew)."""
+    names = [label(rule, store_phi, fused) for fused, rule, store_phi in candidates(net)]
+    return isinstance(ms, dict) and all(isinstance(ms.get(n), (int, float)) and ms[n] > 0 for n in names)
+
+
+def geometry_key(net: nw.Sequential, input_shape: tuple, batch: int, dtype) -> str:
+    """One network geometry: its layers and settings (rules of layers that name one included, other rules and
+    initialisers left out), the input shape, batch and dtype."""
+    layers = [{k: v for k, v in layer.items() if k not in ("init", "grad")} for layer in net.to_config()["layers"]]
+    return json.dumps([layers, list(input_shape), batch, jnp.dtype(dtype).name], default=str)
+
+
+def uniform(net: nw.Sequential, rule: str, store_phi: bool, fused: bool = False) -> nw.Sequential:
+    """``net`` (fused first if ``fused``) with every conv layer that names no rule given ``rule`` and
+    ``store_phi``."""
+    net = net.fuse() if fused else net
+    return nw.Sequential([dataclasses.replace(layer, rule=rule, store_phi=store_phi) if _open(layer) else layer
+                          for layer in net.layers], name=net.name)
+
+
+def _open(layer: nw.Layer) -> bool:
+    return isinstance(layer, nw.Conv) and layer.rule is None and layer.store_phi is None and layer.grad != "autodiff"
+
+
+def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one jitted gradient of the objective (softmax cross-entropy) on a random batch, for each
+    candidate given to every open conv layer: label -> s. The candidates are timed round-robin, so that the
+    machine's drift affects them alike."""
+    from jaxcnn import objective
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = net.init(keys[0], input_shape, dtype)
+    x = jax.random.normal(keys[1], (batch, *input_shape), dtype)
+    classes = net.shapes(input_shape)[-1][-1]
+    y = jax.random.randint(keys[2], (batch,), 0, classes)
+    steps = {}
+    for fused, rule, store_phi in candidates(net):
+        candidate = uniform(net, rule, store_phi, fused)
+        steps[label(rule, store_phi, fused)] = jax.jit(jax.grad(
+            lambda p, x, y, candidate=candidate: objective.objective(p, candidate, x, y)[0]))
+    for step in steps.values():
+        jax.block_until_ready(step(params, x, y))  # compile and warm up
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step(params, x, y))
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, *, log: Callable[[str], None] = print,
+         remeasure: bool = False, cache: Path | None = None) -> tuple[nw.Sequential, dict]:
+    """``net`` (fused, if that won) with every conv layer that names no rule given the candidate fastest on this
+    machine for a batch of ``batch`` images of ``input_shape`` (from the cache when it holds this geometry and
+    ``remeasure`` is off), and ``{"rule", "store_phi", "fused", "ms": {candidate: ms}, "measured": bool}`` (None
+    when no layer was open). New timings are written to the cache (atomically)."""
+    if not any(_open(layer) for layer in net.layers):
+        return net, None
+    input_shape = tuple(input_shape)
+    cache = cache_file() if cache is None else Path(cache)
+    store = _read(cache)
+    if not isinstance(store.get(machine_key()), dict):
+        store[machine_key()] = {}
+    entries = store[machine_key()]
+    key = geometry_key(net, input_shape, batch, dtype)
+    measured = remeasure or not _complete(entries.get(key), net)
+    if measured:
+        seconds = time_network(net, input_shape, batch, dtype)
+        entries[key] = {name: round(s * 1e3, 4) for name, s in seconds.items()}
+        try:
+            atomic_write(cache, strict_json(store, indent=1) + "\n")
+        except OSError as err:  # a read-only home: the run goes on, timing again next time
+            log(f"rule auto: could not write the cache {cache} ({err}); the timings are not kept")
+    ms = entries[key]
+    fused, rule, store_phi = min(candidates(net), key=lambda c: ms[label(c[1], c[2], c[0])])
+    timings = ", ".join(f"{name} {value:.2f}" for name, value in ms.items())
+    log(f"rule auto: {label(rule, store_phi, fused)} for the conv layers ({timings} ms per gradient of the "
+        f"network; {'measured now' if measured else 'timed earlier, ' + str(cache)})")
+    return uniform(net, rule, store_phi, fused), {"rule": rule, "store_phi": store_phi, "fused": fused, "ms": ms,
+                                                  "measured": measured}

@@ -1,0 +1,84 @@
+"""rule="auto" (jaxcnn.autotune): the conv layers get the candidate rule timed fastest for the whole network, the
+timings are cached per machine, and a run records and reuses the rules it chose."""
+
+import json
+
+import jaxcnn as jc
+from jaxcnn import autotune, checkpoint, cli
+
+
+def fake_timings(fastest):
+    """time_network replaced by fixed timings (seconds) that make the candidate ``fastest`` win, and a call log."""
+    calls = []
+
+    def time_network(net, input_shape, batch, dtype, repeats=5):
+        calls.append((input_shape, batch))
+        names = [autotune.label(rule, store_phi, fused) for fused, rule, store_phi in autotune.candidates(net)]
+        return {name: (1 if name == fastest else 2 + i) / 1e3 for i, name in enumerate(names)}
+
+    return time_network, calls
+
+
+def conv_rules(net):
+    return [(layer.rule, layer.store_phi) for layer in net.layers if isinstance(layer, jc.Conv)]
+
+
+NET = jc.Sequential([jc.Conv(4, 3, padding=1), jc.ReLU(), jc.MaxPool(2), jc.Conv(6, 3, rule="im2col"),
+                     jc.Flatten(), jc.Dense(3)])
+
+
+def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reused(tmp_path, monkeypatch):
+    time_network, calls = fake_timings("flip")
+    monkeypatch.setattr(autotune, "time_network", time_network)
+    cache, lines = tmp_path / "rules.json", []
+    tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=cache, log=lines.append)
+    assert conv_rules(tuned) == [("flip", False), ("im2col", None)]  # the layer naming its rule keeps it
+    assert calls == [((8, 8, 1), 4)] and choice["measured"] and (choice["rule"], choice["fused"]) == ("flip", False)
+    assert lines == ["rule auto: flip for the conv layers (im2col (phi stored) 2.00, im2col 3.00, flip 1.00, fused, "
+                     "im2col (phi stored) 5.00, fused, im2col 6.00, fused, flip 7.00 ms per gradient of the network; "
+                     "measured now)"]
+    stored = json.loads(cache.read_text())
+    assert list(stored) == [autotune.machine_key()] and len(stored[autotune.machine_key()]) == 1
+
+    monkeypatch.setattr(autotune, "time_network", fake_timings("fused, im2col (phi stored)")[0])
+    again, choice = autotune.tune(NET, (8, 8, 1), 4, cache=cache, log=lines.append)
+    assert again == tuned and not choice["measured"] and "timed earlier" in lines[-1]  # read back, not timed
+    anew, _ = autotune.tune(NET, (8, 8, 1), 4, cache=cache, remeasure=True, log=lines.append)
+    assert anew == autotune.uniform(NET, "im2col", True, fused=True) and anew.layers[0].type == "conv_relu_pool"
+    assert autotune.tune(NET, (8, 8, 1), 8, cache=cache, log=lines.append)[1]["measured"]  # another batch
+    assert autotune.tune(tuned, (8, 8, 1), 4, cache=cache, log=lines.append) == (tuned, None)  # nothing open
+
+
+def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatch):
+    cache = tmp_path / "rules.json"
+    cache.write_text("{not json")
+    tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)
+    assert len(choice["ms"]) == 6 and all(v > 0 for v in choice["ms"].values())  # really timed
+    assert autotune.label(*conv_rules(tuned)[0], choice["fused"]) == min(choice["ms"], key=choice["ms"].get)
+    assert (tuned.layers[0].type == "conv_relu_pool") == choice["fused"]
+    key = next(iter(json.loads(cache.read_text())[autotune.machine_key()]))
+
+    monkeypatch.setattr(autotune, "time_network", fake_timings("flip")[0])
+    for damaged in ({autotune.machine_key(): "x"}, {autotune.machine_key(): {key: {"flip": -1}}}):
+        cache.write_text(json.dumps(damaged))
+        assert autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)[1]["measured"]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    lines = []
+    tuned, _ = autotune.tune(NET, (8, 8, 1), 2, cache=blocked / "rules.json", log=lines.append)
+    assert conv_rules(tuned)[0] == ("flip", False) and "could not write the cache" in lines[0], lines
+
+
+def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "time_network", fake_timings("fused, flip")[0])
+    out = tmp_path / "run"
+    assert cli.main(["train", "--rule", "auto", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert "rule auto: fused, flip for the conv layers" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rule"] == "auto" and summary["train"]["rule"] == "auto"
+    assert summary["conv_rules"] == {"conv1": "flip", "conv2": "flip"}
+    network = checkpoint.load_model(out).network
+    assert network == autotune.uniform(jc.preset("digits-cnn"), "flip", False, fused=True)  # what the model keeps
+    assert cli.main(["evaluate", "--checkpoint", str(out)]) == 0
+    assert "(reproduced)" in capsys.readouterr().out
