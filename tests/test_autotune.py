@@ -1,6 +1,7 @@
 """rule="auto" (jaxcnn.autotune): the conv layers get the candidate rule timed fastest for the whole network, the
 timings are cached per machine, and a run records and reuses the rules it chose."""
 
+import contextlib
 import json
 
 import jaxcnn as jc
@@ -82,3 +83,25 @@ def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch,
     assert network == autotune.uniform(jc.preset("digits-cnn"), "flip", False, fused=True)  # what the model keeps
     assert cli.main(["evaluate", "--checkpoint", str(out)]) == 0
     assert "(reproduced)" in capsys.readouterr().out
+
+
+def test_resume_keeps_the_rules_the_run_chose(tmp_path, monkeypatch, capsys):
+    """A run killed after its first checkpoint resumes with the rules it recorded, whatever the cache says now."""
+    from jaxcnn import train
+    from tests.test_reliability import crash_after
+
+    monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "time_network", fake_timings("flip")[0])
+    out = tmp_path / "run"
+    crash_after(1, monkeypatch)
+    with contextlib.suppress(KeyboardInterrupt):
+        cli.main(["train", "--rule", "auto", "--epochs", "2", "--out", str(out), "--no-progress"])
+    assert checkpoint.list_states(out / "checkpoints") and not (out / "summary.json").exists()  # cut short
+    monkeypatch.setattr(train, "save_state", checkpoint.save_state)
+    monkeypatch.setattr(autotune, "time_network", fake_timings("fused, im2col")[0])
+    autotune.tune(jc.preset("digits-cnn"), (8, 8, 1), 32, remeasure=True, log=lambda line: None)  # cache: another
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    resumed = capsys.readouterr().out
+    assert "resuming" in resumed and "rule auto:" not in resumed, resumed  # nothing timed or chosen again
+    assert checkpoint.load_model(out).network == autotune.uniform(jc.preset("digits-cnn"), "flip", False)
