@@ -54,12 +54,19 @@ def save_model(path: str | os.PathLike, network: Sequential, params: dict, mean:
     _write(path, tensors, {"format": MODEL_FORMAT, "network": network.to_config(), **meta})
 
 
-def load_model(path: str | os.PathLike) -> SavedModel:
-    """Read a model written by ``save_model``; a directory means its ``model.safetensors``."""
+def load_model(path: str | os.PathLike, *, states: bool = False) -> SavedModel:
+    """Read a model written by ``save_model``; a directory means its ``model.safetensors``. With ``states``, a
+    training state (``checkpoints/step-*.safetensors``) is read as the model it holds: its current params, mean
+    image and network, with ``epoch`` (the epoch it was in) and ``global_step`` among the metadata."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
-    tensors, header = _read(path, MODEL_FORMAT)
+    tensors, header = _read(path, (MODEL_FORMAT, STATE_FORMAT) if states else MODEL_FORMAT)
+    if header.pop("format") == STATE_FORMAT:
+        tensors = {k: v for k, v in tensors.items() if k.startswith(("params/", "preprocess/"))}
+        header = {**header, "epoch": (header.get("position") or {}).get("epoch")}
+        if "preprocess/mean" in tensors:  # the mean image has the input's shape
+            header["input_shape"] = list(tensors["preprocess/mean"].shape)
     lacks = [what for what, there in (("its network", "network" in header),
                                       ("preprocess/mean", "preprocess/mean" in tensors)) if not there]
     if lacks:
@@ -103,6 +110,7 @@ def save_state(folder: str | os.PathLike, global_step: int, arrays: dict[str, di
 def load_state(path: str | os.PathLike) -> tuple[dict[str, dict], dict]:
     """(arrays by group, meta) of a training state written by ``save_state``."""
     tensors, header = _read(Path(path), STATE_FORMAT)
+    header.pop("format")
     groups = sorted({k.split("/", 1)[0] for k in tensors})
     return {g: _unflatten(g, tensors) for g in groups}, header
 
@@ -175,7 +183,9 @@ def _write(path, tensors: dict[str, np.ndarray], header: dict) -> None:
     atomic_write(path, safetensors.numpy.save(tensors, metadata={"jaxcnn": json.dumps(header)}))
 
 
-def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict]:
+def _read(path: Path, expected_format: str | tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict]:
+    """The tensors and metadata (its ``format`` one of ``expected_format``) of a file, checked: digest, format,
+    finite values."""
     import safetensors
     import safetensors.numpy
 
@@ -200,9 +210,10 @@ def _read(path: Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict
                                   f"is corrupted")
     elif _digest(tensors) != header.pop("sha256", None):  # an older file: its tensors only
         raise CheckpointError(f"{path}: the tensors do not match their recorded SHA-256: the file is corrupted")
-    if header.get("format") != expected_format:
-        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {expected_format!r}")
-    header.pop("format")
+    expected = (expected_format,) if isinstance(expected_format, str) else expected_format
+    if header.get("format") not in expected:
+        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected "
+                              f"{' or '.join(map(repr, expected))}")
     for key, a in sorted(tensors.items()):
         if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
             raise CheckpointError(f"{path}: {key} holds {int(np.sum(~np.isfinite(a)))} non-finite values (NaN or "

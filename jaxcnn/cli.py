@@ -42,11 +42,37 @@ def shape_arg(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+class Help(argparse.HelpFormatter):
+    """Each option's default said once: appended where its help does not state it already, and never for flags
+    (on when given) or options whose default is None (the help says what applies then)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or any(action.default is v for v in (None, False, True)) or
+                action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(package: str) -> str:
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"jaxcnn {of('jaxcnn')} (jax {of('jax')}, jaxlib {of('jaxlib')}, optax {of('optax')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxcnn",
         description="Convolutional networks in JAX with hand-derived backward passes, checked against jax.grad.",
     )
+    parser.add_argument("--version", action="version", version=version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = commands.add_parser(
@@ -54,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a preset or a TOML-configured network with Lin's objective. Flags override the "
                     "preset's [train] recipe; `jaxcnn presets` lists the presets. Writes metrics.jsonl, "
                     "model.safetensors, summary.json and curves.png to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+        formatter_class=Help, argument_default=None)
     which = t.add_mutually_exclusive_group()
     which.add_argument("--preset", choices=list(network.presets()),
                        help="bundled network and recipe (default: the dataset's usual one, digits-cnn for digits)")
@@ -63,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", metavar="DIR", help=f"folder holding <dataset>/ files (default {DEFAULTS.data_dir})")
     t.add_argument("--download", action="store_true", default=None,
                    help="download missing dataset files (checked against their SHA-256)")
-    t.add_argument("--epochs", type=int, metavar="N")
-    t.add_argument("--batch-size", type=int, metavar="B")
-    t.add_argument("--optimizer", choices=train.OPTIMIZERS)
-    t.add_argument("--lr", type=float, metavar="LR", help="learning rate")
+    t.add_argument("--epochs", type=int, metavar="N", help="passes over the training set (default: the recipe's)")
+    t.add_argument("--batch-size", type=int, metavar="B",
+                   help="examples per step, split over the devices (default: the recipe's)")
+    t.add_argument("--optimizer", choices=train.OPTIMIZERS,
+                   help="optax's sgd, momentum or adam, or simpleNN's Newton method (default: the recipe's)")
+    t.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: the recipe's)")
     t.add_argument("--momentum", type=float, help="for --optimizer momentum (default 0.9)")
     t.add_argument("--schedule", choices=train.SCHEDULES, help="learning-rate schedule (default constant)")
     t.add_argument("--loss", choices=["ce", "squared"],
@@ -90,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on GPU/TPU; auto: the fastest for this network, timed on this machine once and cached)")
     t.add_argument("--fuse", action="store_true", default=None,
                    help="use Lin's fused conv-ReLU-pool block where possible")
-    t.add_argument("--seed", type=int, help="seed of the initial weights, validation split and batch order")
+    t.add_argument("--seed", type=int,
+                   help="seed of the initial weights, validation split and batch order (default 0)")
     t.add_argument("--val-fraction", type=float, metavar="F", help="share of training data held out (default 0.1)")
     t.add_argument("--out", metavar="DIR", help="results folder (default runs/<recipe>-<dataset>-<time>)")
     t.add_argument("--resume", action="store_true", default=None,
@@ -112,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. P-1")
 
     e = commands.add_parser("evaluate", help="reload a trained model and report its test accuracy",
-                            description="Evaluate a saved model (a run folder or its model.safetensors) on the "
-                                        "test set of its dataset, with the preprocessing it was trained with.")
-    e.add_argument("--checkpoint", required=True, metavar="DIR", help="run folder or model.safetensors file")
+                            description="Evaluate a saved model (a run folder, its model.safetensors, or a training "
+                                        "state in its checkpoints/) on the test set of its dataset, with the "
+                                        "preprocessing it was trained with.")
+    e.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run folder, its model.safetensors, or a training state from its checkpoints/")
     e.add_argument("--dataset", choices=datasets.DATASETS, help="default: the dataset it was trained on")
-    e.add_argument("--data-dir", default=DEFAULTS.data_dir, metavar="DIR")
+    e.add_argument("--data-dir", default=DEFAULTS.data_dir, metavar="DIR", help="folder holding <dataset>/ files")
     e.add_argument("--download", action="store_true", help="download missing dataset files")
 
     g = commands.add_parser(
@@ -125,21 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "autodiff and by float64 finite differences, per parameter and per layer output. "
                     "Disagreements at kinks (ReLU inputs at 0, tied max-pool windows) are reported as expected; "
                     "any other is a genuine mismatch, and the exit status is then 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=Help)
     which = g.add_mutually_exclusive_group()
-    which.add_argument("--preset", choices=list(network.presets()), default=DEFAULT_PRESET[DEFAULTS.dataset])
-    which.add_argument("--config", metavar="FILE.toml")
+    which.add_argument("--preset", choices=list(network.presets()), default=DEFAULT_PRESET[DEFAULTS.dataset],
+                       help="bundled network to check")
+    which.add_argument("--config", metavar="FILE.toml", help="a network described in TOML, instead of --preset")
     g.add_argument("--dtype", choices=["float64", "float32", "bfloat16"], default="float64",
                    help="precision of the hand and autodiff gradients (finite differences are float64)")
-    g.add_argument("--rule", choices=["im2col", "flip", "both"], default="both")
-    g.add_argument("--batch", type=int, default=4)
+    g.add_argument("--rule", choices=["im2col", "flip", "both"], default="both", help="hand conv rules to check")
+    g.add_argument("--batch", type=int, default=4, help="examples in the random batch")
     g.add_argument("--input-shape", type=shape_arg, metavar="HxWxC",
                    help="image shape, e.g. 28x28x1 (default: that of the dataset the network's config names, "
                         "digits 8x8x1 if none)")
     g.add_argument("--input", choices=["random", "zeros"], default="random",
                    help="zeros plants kinks: with zero biases every ReLU input is 0 and every pool window tied")
-    g.add_argument("--loss", choices=["ce", "squared"], default="ce")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--loss", choices=["ce", "squared"], default="ce",
+                   help="softmax cross-entropy or Lin's squared loss")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, batch and labels")
     g.add_argument("--json", metavar="FILE", help="also write the report as JSON")
 
     bn = commands.add_parser(
@@ -148,11 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "the fused block, autodiff through the same forward, autodiff through XLA's convolution, Flax "
                     "(if installed) and PyTorch (if importable). Compile time apart; median, min and max of "
                     "--steps steps timed round-robin; compiled memory; GFLOP/s against a measured matmul ceiling.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bn.add_argument("--preset", choices=list(network.presets()), default="simplenn-mnist")
-    bn.add_argument("--batch-size", type=int, default=128)
-    bn.add_argument("--steps", type=int, default=20)
-    bn.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        formatter_class=Help)
+    bn.add_argument("--preset", choices=list(network.presets()), default="simplenn-mnist", help="network to time")
+    bn.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    bn.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    bn.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="precision of params, batch and computation")
     bn.add_argument("--no-torch", dest="torch", action="store_false", help="skip PyTorch even if importable")
     bn.add_argument("--tune", action="store_true",
                     help="instead of the step benchmark, time the candidate conv rules on the preset anew and "
@@ -199,6 +233,8 @@ def cmd_train(args) -> int:
 
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     progress = args.progress and sys.stderr.isatty()
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; expected a folder (a new one, or a run's to --resume)")
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")
@@ -224,7 +260,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from jaxcnn.checkpoint import load_model
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, states=True)
     missing = [key for key in ("train", "dataset", "recipe", "epoch") if key not in model.meta]
     if missing:
         raise ValueError(f"{args.checkpoint}: the model's metadata lacks {', '.join(missing)}: it was not written "
@@ -239,7 +275,12 @@ def cmd_evaluate(args) -> int:
     train.check_network(model.network, dataset.input_shape, dataset.classes)
     evaluate = train.make_evaluator(model.network, cfg, len(dataset.x_test))
     result = evaluate(model.params, dataset.x_test - model.mean, dataset.y_test)
-    print(f"{model.meta['recipe']} (epoch {model.meta['epoch']}) on the {cfg.dataset} test set: "
+    if "global_step" in model.meta:  # a training state
+        step, per_epoch = model.meta["global_step"], model.meta.get("steps_per_epoch")
+        when = f"training state after step {step}" + (f", {step / per_epoch:.2f} epochs" if per_epoch else "")
+    else:
+        when = f"epoch {model.meta['epoch']}"
+    print(f"{model.meta['recipe']} ({when}) on the {cfg.dataset} test set: "
           f"accuracy {result['accuracy']:.2%} ({result['accuracy']:.6f}), loss {result['loss']:.6f}")
     recorded = model.meta.get("test")
     if recorded and cfg.dataset == model.meta["dataset"]:
@@ -310,6 +351,12 @@ def cmd_bench(args) -> int:
                        torch=args.torch, progress=lambda line: print(f"  {line}", flush=True))
     print(f"\n{result['flops'] / 1e9:.2f} GFLOP per step (counted by hand); matmul ceiling {ceiling:.0f} GFLOP/s\n")
     print(bench.table(result, ceiling))
+    from importlib.util import find_spec
+
+    if find_spec("flax") is None:
+        print("\nno flax row: Flax is not installed (`pip install flax`, or `make bench`, adds the Flax baseline)")
+    if args.torch and find_spec("torch") is None:
+        print("no pytorch rows: PyTorch is not installed (`pip install torch` adds them; --no-torch hides this)")
     if args.profile:
         print("\nXLA's op times per step, grouped by the JAX operation they come from (float32):\n")
         print(bench.profile_table(args.preset, shape, args.batch_size))

@@ -44,7 +44,8 @@ def loss(params: dict, x: jax.Array, labels: jax.Array, grad: str, rule: str | N
 
 def compare(dtype, seed: int = 0, batch: int = 16) -> tuple[dict, dict]:
     """Loss and gradients by every mode; returns ({mode: loss}, {mode: {param: relative error vs autodiff}})."""
-    params = init(jax.random.key(seed), dtype)
+    # The same weights in every dtype: drawn once in float64, then rounded (drawn in each dtype, they would differ).
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), init(jax.random.key(seed), jnp.float64))
     rng = np.random.default_rng(seed)
     x, labels = jnp.asarray(rng.normal(size=(batch, 16, 16, 3)), dtype), jnp.asarray(rng.integers(0, 10, batch))
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnames=("grad", "rule"))

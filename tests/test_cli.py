@@ -105,3 +105,38 @@ def test_presets_are_listed(capsys):
     out = capsys.readouterr().out
     for name in ("simplenn-mnist", "simplenn-cifar", "lenet5", "vgg-small", "digits-cnn"):
         assert name in out
+
+
+def test_evaluate_reads_a_training_state_from_checkpoints(default_run, capsys):
+    from jaxcnn.checkpoint import list_states
+
+    step, newest = list_states(default_run / "checkpoints")[-1]
+    assert cli.main(["evaluate", "--checkpoint", str(newest)]) == 0
+    out = capsys.readouterr().out
+    assert f"digits-cnn (training state after step {step}, 30.00 epochs) on the digits test set: accuracy" in out
+
+
+def test_version_and_every_option_explained_once(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("jaxcnn ") and "(jax " in out, out
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                text = formatter._expand_help(action)
+                assert action.help, f"{name} {action.option_strings[0]} has no help text"
+                assert text.count("default") <= 1 and "(default: None)" not in text, (name, text)
+        assert "(default: None)" not in sub.format_help()
+
+
+def test_out_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys):
+    afile = tmp_path / "results"
+    afile.write_text("a user's file")
+    assert cli.main(["train", "--out", str(afile), "--no-progress"]) == 2
+    assert f"--out {afile} is a file; expected a folder" in capsys.readouterr().err
+    assert afile.read_text() == "a user's file"
