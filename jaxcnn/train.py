@@ -480,8 +480,14 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                                                   "complete": False}, indent=2) + "\n")
     history: list[dict] = list(resume_from[1]["position"]["history"]) if resume_from else []
 
+    steps_per_epoch = len(prep.x_fit) // cfg.batch_size
+    idle: list[int] = []  # epochs whose every step was skipped (--on-nan skip): nothing trained in them
+
     def on_epoch(record, best_params, improved):
+        before = history[-1].get("skipped_steps", 0) if history else 0
         history.append(record)
+        if "skipped_steps" in record and record["skipped_steps"] - before >= steps_per_epoch:
+            idle.append(record["epoch"])
         if not main:
             return
         atomic_write(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
@@ -498,6 +504,9 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
         skipped = f"  ({record['skipped_steps']} steps skipped)" if record["skipped_steps"] else ""
         log(f"epoch {record['epoch']:>3}/{cfg.epochs}  train f {record['train_objective']:.4f} "
             f"acc {record['train_accuracy']:.2%}{val}  {record['seconds']:.1f}s{'  *' if improved else ''}{skipped}")
+        if idle and idle[-1] == record["epoch"]:
+            log(f"WARNING: every one of epoch {record['epoch']}'s {steps_per_epoch} steps was skipped (non-finite "
+                f"objective or gradient): nothing trained in it")
 
     def checkpoint(state):
         if not main:
@@ -529,6 +538,10 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     if not math.isfinite(result.test["loss"]):
         raise NonFiniteError(f"the run finished, but the best model's test loss is {result.test['loss']} (its "
                              f"outputs overflow); {out / 'summary.json'} records it as null under non_finite")
+    if idle:
+        raise NonFiniteError(f"the run finished, but every step of epoch(s) {', '.join(map(str, idle))} was skipped "
+                             f"(--on-nan skip: non-finite objective or gradient), so nothing trained in them; "
+                             f"see skipped_steps in {out / 'metrics.jsonl'}")
     return summary
 
 

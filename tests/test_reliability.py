@@ -180,3 +180,22 @@ def test_resume_cleans_up_a_write_cut_short(tmp_path):
     assert checkpoint.newest_state(tmp_path / "checkpoints", report=lambda s: None) is None
     assert not stale.exists()
     assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_an_epoch_whose_every_step_was_skipped_warns_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """--on-nan skip with nothing trainable (every training image NaN): each epoch says so, and the run, though it
+    writes its files, exits 3 instead of passing off its untrained model."""
+    real = train.prepare
+
+    def all_nan(dataset, cfg):
+        prep = real(dataset, cfg)
+        return dataclasses.replace(prep, x_fit=np.full_like(prep.x_fit, np.nan))
+
+    monkeypatch.setattr(train, "prepare", all_nan)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--on-nan", "skip", "--epochs", "2", "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 3, captured.err
+    assert captured.out.count("WARNING: every one of epoch") == 2
+    assert "every step of epoch(s) 1, 2 was skipped" in captured.err
+    assert (out / "summary.json").exists()
