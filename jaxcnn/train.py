@@ -524,7 +524,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": rule,
                "recipe": recipe, "dataset": prep.name, "skipped_steps": result.skipped, "resumed": bool(resume_from),
                "device": jax.devices()[0].device_kind, "devices": mesh.size, "processes": jax.process_count(),
-               "jax": jax.__version__, "train": dataclasses.asdict(cfg), "network": net.to_config(),
+               "jax": jax.__version__, "versions": versions(), "train": dataclasses.asdict(cfg),
+               "network": net.to_config(),
                "conv_rules": {name: (layer.rule or rule) + (" (phi stored)" if layer.store_phi else "")
                               for name, layer in zip(net.names, net.layers) if isinstance(layer, Conv)}}
     if main:
@@ -543,6 +544,14 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                              f"(--on-nan skip: non-finite objective or gradient), so nothing trained in them; "
                              f"see skipped_steps in {out / 'metrics.jsonl'}")
     return summary
+
+
+def versions() -> dict[str, str]:
+    """The versions of the packages a run's numbers depend on (for summary.json)."""
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
+            "numpy": np.__version__}
 
 
 MANIFEST = "run.json"

@@ -23,6 +23,7 @@ def test_default_training_reaches_97_percent_and_writes_every_output(default_run
     for key in ("test_accuracy", "test_loss", "epochs", "seconds", "grad"):
         assert key in summary
     assert summary["epochs"] == 30 and summary["grad"] == "hand" and summary["dataset"] == "digits"
+    assert set(summary["versions"]) == {"jax", "jaxlib", "optax", "numpy"} and all(summary["versions"].values())
     lines = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(1, 31))
     assert {"train_objective", "train_accuracy", "val_loss", "val_accuracy", "seconds"} <= set(lines[0])
