@@ -194,7 +194,8 @@ class NonFiniteError(FloatingPointError):
 
 def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable | None = None,
         progress: bool = False, checkpoint: Callable | None = None, checkpoint_every: int = 0,
-        resume: tuple | None = None, on_nan: str = "stop", devices: int | None = None) -> FitResult:
+        resume: tuple | None = None, on_nan: str = "stop", devices: int | None = None,
+        heartbeat: Callable[[str], None] | None = None, every: float = 30.0) -> FitResult:
     """Train ``net`` on ``prep`` by ``cfg``, data-parallel over ``devices`` local devices of every process
     (default all; see ``jaxcnn.parallel``).
 
@@ -203,7 +204,9 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     back to continue exactly where it was. A step whose objective or gradient is not finite is never applied:
     ``on_nan="stop"`` raises NonFiniteError at the next checkpoint or epoch end, naming the step and the first
     layer whose output went non-finite (no checkpoint is written after it); ``on_nan="skip"`` skips such steps
-    and counts them.
+    and counts them. ``heartbeat``, if given, receives a progress line (step, loss, speed, time left in the
+    epoch) every ``every`` seconds within an epoch, for logs without a terminal; the speed leaves the first step,
+    which compiles, out.
     """
     from tqdm import tqdm
 
@@ -248,6 +251,9 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
         if checkpoint is not None:
             checkpoint(_state(pos, params, opt_state, best_params, prep, cfg, net, steps))
 
+    clock = None  # (time, steps done) once the first step (compilation included) has finished
+    done, beats = 0, []
+
     while pos.epoch <= cfg.epochs:
         epoch = pos.epoch
         start = time.perf_counter()
@@ -264,9 +270,20 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
                 parallel.pace(mesh, values)
                 pos.step += 1
                 bar.update()
+                done += 1
                 if progress and (s % 20 == 0 or s == steps - 1):
                     loss, correct = parallel.to_host((aux["loss"], aux["correct"]))
                     bar.set_postfix(loss=f"{float(loss):.4f}", acc=f"{int(correct) / batch:.1%}")
+                if heartbeat is not None:
+                    if clock is None:
+                        jax.block_until_ready(value)
+                        clock = (time.perf_counter(), done)
+                    elif time.perf_counter() - clock[0] >= every * (1 + len(beats)) and pos.step < steps:
+                        loss = float(parallel.to_host(aux["loss"]))
+                        rate = (done - clock[1]) / (time.perf_counter() - clock[0])
+                        beats.append(f"epoch {epoch}/{cfg.epochs}: step {pos.step}/{steps}, loss {loss:.4f}, "
+                                     f"{rate:.1f} steps/s, epoch done in ~{(steps - pos.step) / rate:.0f}s")
+                        heartbeat(beats[-1])
                 if checkpoint_every and pos.step < steps and ((epoch - 1) * steps + pos.step) % checkpoint_every == 0:
                     sync(values, corrects)
                     save()
@@ -431,14 +448,15 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
 
 def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, progress: bool = True,
         log: Callable[[str], None] = print, checkpoint_every: int = 0, on_nan: str = "stop", keep: int = 3,
-        resume_from: tuple | None = None, devices: int | None = None) -> dict:
+        resume_from: tuple | None = None, devices: int | None = None, log_every: float | None = None) -> dict:
     """Load the data, train, and write to ``out``: metrics.jsonl, model.safetensors (best params), training states
     in checkpoints/ (every epoch and every ``checkpoint_every`` steps, the newest ``keep``), then summary.json
     and curves.png. With several processes, all train and process 0 alone logs and writes.
 
     ``out`` must not hold another run (nothing a user saved is overwritten); ``resume_run`` continues one.
     ``run.json`` names the run (recipe, dataset, network, training config) from its start, and says
-    ``"complete": true`` once every file is written: that is the last write.
+    ``"complete": true`` once every file is written: that is the last write. ``log_every`` seconds: also log a
+    progress line that often within an epoch (``fit``'s ``heartbeat``), for logs without a terminal.
     """
     out = Path(out)
     main = parallel.is_main()
@@ -518,7 +536,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
 
     result = fit(net, prep, cfg, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint,
                  checkpoint_every=checkpoint_every, on_nan=on_nan,
-                 resume=resume_from and (resume_from[0], resume_from[1]), devices=devices)
+                 resume=resume_from and (resume_from[0], resume_from[1]), devices=devices,
+                 heartbeat=log if log_every else None, every=log_every or 0.0)
     seconds = time.perf_counter() - begin
     summary = {"test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"], "epochs": cfg.epochs,
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": rule,
@@ -588,7 +607,7 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
-               devices: int | None = None) -> dict:
+               devices: int | None = None, log_every: float | None = None) -> dict:
     """Continue the run in ``out`` from its newest intact training state, with the recipe, network and options
     it was started with. A damaged newest state is reported and the one before it used."""
     out = Path(out)
@@ -627,7 +646,7 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
             f"{meta['steps_per_epoch']} steps done")
     return run(net, cfg, out, recipe=meta["recipe"], progress=progress, log=log,
                checkpoint_every=meta["checkpoint_every"], on_nan=meta["on_nan"], keep=meta["keep"],
-               resume_from=(arrays, meta), devices=devices)
+               resume_from=(arrays, meta), devices=devices, log_every=log_every)
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

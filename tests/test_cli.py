@@ -141,3 +141,16 @@ def test_out_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys):
     assert cli.main(["train", "--out", str(afile), "--no-progress"]) == 2
     assert f"--out {afile} is a file; expected a folder" in capsys.readouterr().err
     assert afile.read_text() == "a user's file"
+
+
+def test_without_a_terminal_progress_lines_come_every_few_seconds(tmp_path, capsys):
+    """Progress bars need a terminal; in a log (here: pytest's captured stderr) `--log-every` lines say the step,
+    loss, speed and time left instead (every 0.01 s: nearly every step)."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "2", "--log-every", "0.01", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ") and ": step " in line]
+    assert len(lines) > 10, lines
+    first = lines[0]
+    assert first.startswith("epoch 1/2: step ") and "/37, loss " in first and " steps/s, epoch done in ~" in first
+    assert any(line.startswith("epoch 2/2: step ") for line in lines)
+    assert cli.main(["train", "--epochs", "1", "--log-every", "-1", "--out", str(tmp_path / "x")]) == 2
