@@ -551,7 +551,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
         save_model(out / "model.safetensors", net, result.params, prep.mean,
                    {**meta, "epoch": result.best_epoch, "test": result.test})
         atomic_write(out / "summary.json", strict_json(summary, indent=2) + "\n")
-        complete(out, history)
+        complete(out, history, result.step_losses)
     unit = "iteration" if cfg.optimizer == "newton" else "epoch"
     log(f"test accuracy {result.test['accuracy']:.2%}, loss {result.test['loss']:.4f} (best validation {unit} "
         f"{result.best_epoch}); {seconds:.0f}s{' since resuming' if resume_from else ' in all'}; results in {out}/")
@@ -584,14 +584,14 @@ def identity(recipe: str, dataset: str, network: dict, cfg) -> dict:
     return {"recipe": recipe, "dataset": dataset, "network": network, "train": train_config}
 
 
-def complete(out: Path, history: list[dict]) -> None:
+def complete(out: Path, history: list[dict], step_losses=None) -> None:
     """Write what a finished run lacks after its summary (the curves), then mark it complete, last."""
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
     summary = json.loads((out / "summary.json").read_text())
     if not history and (out / "metrics.jsonl").is_file():
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    plot_curves(history, out / "curves.png",
-                title=f"{summary['recipe']} on {summary['dataset']}, grad={summary['grad']}")
+    plot_curves(history, out / "curves.png", title=f"{summary['recipe']} on {summary['dataset']}, "
+                f"grad={summary['grad']}", best=summary.get("best_epoch"), step_losses=step_losses)
     manifest = {**identity(summary["recipe"], summary["dataset"], summary["network"], summary["train"]),
                 **manifest, "complete": True}
     atomic_write(out / MANIFEST, strict_json(manifest, indent=2) + "\n")
@@ -649,23 +649,40 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
                resume_from=(arrays, meta), devices=devices, log_every=log_every)
 
 
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch (training and validation) as a PNG, written atomically."""
+def plot_curves(history: list[dict], path: Path, title: str, best: int | None = None,
+                step_losses=None) -> None:
+    """Loss and accuracy per epoch (training and validation; a marker on every point, the best epoch ringed),
+    and, given ``step_losses``, the objective of every step, as a PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    steps = np.asarray([] if step_losses is None else step_losses, np.float64)
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_objective"] for r in history], label="train objective f")
-    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train")
+    fig, axes = plt.subplots(1, 3 if steps.size else 2, figsize=(15 if steps.size else 10, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
+    ax_loss.plot(epochs, [r["train_objective"] for r in history], "o-", label="train objective f")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
     if history and "val_loss" in history[0]:
-        ax_loss.plot(epochs, [r["val_loss"] for r in history], label="validation loss")
-        ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label="validation")
+        ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation loss")
+        ax_acc.plot(epochs, [r["val_accuracy"] for r in history], "s-", label="validation")
+        chosen = [r for r in history if r["epoch"] == best]
+        if chosen:
+            ax_acc.plot([best], [chosen[0]["val_accuracy"]], "o", markersize=14, markerfacecolor="none",
+                        markeredgecolor="black", label=f"best (epoch {best}, kept)")
     ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # a one-epoch run shows its points mid-plot
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if steps.size:
+        finite = np.isfinite(steps)
+        axes[2].plot(np.flatnonzero(finite) + 1, steps[finite], linewidth=0.7, label="objective f per step")
+        axes[2].set(xlabel="step", ylabel="objective", yscale="log")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

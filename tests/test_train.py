@@ -101,3 +101,19 @@ def test_config_is_a_frozen_record():
     assert dataclasses.replace(cfg, epochs=3).epochs == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 2
+
+
+def test_curves_have_a_per_step_panel_and_show_a_single_epoch(tmp_path):
+    """curves.png: with the per-step objectives a third panel (the image 1.5x wider); a one-epoch history plots
+    its points (a line through one point would show nothing) and rings the best epoch."""
+    import struct
+
+    from jaxcnn import train as training
+
+    history = [{"epoch": 1, "train_objective": 1.2, "train_accuracy": 0.6, "val_loss": 0.9, "val_accuracy": 0.8}]
+    widths = {}
+    for panels, steps in ((2, None), (3, np.linspace(2.0, 1.0, 37))):
+        path = tmp_path / f"{panels}.png"
+        training.plot_curves(history, path, "t", best=1, step_losses=steps)
+        widths[panels] = struct.unpack(">I", path.read_bytes()[16:20])[0]  # PNG IHDR width
+    assert widths[3] == widths[2] * 3 // 2, widths
