@@ -93,10 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, metavar="B",
                    help="examples per step, split over the devices (default: the recipe's)")
     t.add_argument("--optimizer", choices=train.OPTIMIZERS,
-                   help="optax's sgd, momentum or adam, or simpleNN's Newton method (default: the recipe's)")
+                   help="optax's sgd, momentum, adam or adamw, or simpleNN's Newton method (default: the recipe's)")
     t.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: the recipe's)")
     t.add_argument("--momentum", type=float, help="for --optimizer momentum (default 0.9)")
     t.add_argument("--schedule", choices=train.SCHEDULES, help="learning-rate schedule (default constant)")
+    t.add_argument("--warmup", type=int, metavar="STEPS",
+                   help="linear learning-rate warmup from 0 over STEPS steps, then the schedule (default 0)")
+    t.add_argument("--weight-decay", type=float, metavar="WD",
+                   help="--optimizer adamw: decoupled weight decay (default optax's 1e-4)")
+    t.add_argument("--clip-norm", type=float, metavar="NORM",
+                   help="clip each step's gradient to this global norm (default: no clipping)")
     t.add_argument("--loss", choices=["ce", "squared"],
                    help="softmax cross-entropy or Lin's squared loss (default ce; squared with --optimizer newton)")
     t.add_argument("--iterations", type=int, metavar="N",

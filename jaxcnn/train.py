@@ -36,7 +36,7 @@ from jaxcnn.network import Conv, Sequential, describe
 from jaxcnn.ops import _args
 from jaxcnn.ops.conv import resolve as resolve_rule
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "newton")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "newton")
 SCHEDULES = ("constant", "cosine", "step")
 
 
@@ -53,6 +53,9 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     schedule: str = "constant"
+    warmup: int = 0  # steps of linear learning-rate warmup from 0, in front of the schedule
+    weight_decay: float | None = None  # AdamW's decoupled decay (None: optax's 1e-4); adamw only
+    clip_norm: float | None = None  # clip each step's gradient to this global norm (None: no clipping)
     loss: str = "ce"
     C: float | None = None
     grad: str = "hand"
@@ -89,6 +92,20 @@ class TrainConfig:
             raise ValueError(f"train: lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"train: momentum must be in [0, 1), got {self.momentum!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"train: warmup must be an int >= 0 (steps), got {self.warmup!r}")
+        for name in ("weight_decay", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0 or (name == "clip_norm" and value == 0)):
+                raise ValueError(f"train: {name} must be a finite number {'> 0' if name == 'clip_norm' else '>= 0'}, "
+                                 f"got {value!r}")
+        if self.weight_decay is not None and self.optimizer != "adamw":
+            raise ValueError(f"train: weight_decay is AdamW's decoupled decay (optimizer adamw), not "
+                             f"{self.optimizer}'s; for an L2 term in the objective use C (Lin's ||theta||^2 / (2C))")
+        if self.optimizer == "newton" and (self.warmup or self.clip_norm is not None):
+            raise ValueError("train: warmup and clip_norm apply to the first-order optimizers, not newton (its "
+                             "step comes from a line search)")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"train: val_fraction must be in [0, 1), got {self.val_fraction!r}")
         for name in ("iterations", "cg_max"):
@@ -150,16 +167,28 @@ def check_network(net: Sequential, input_shape, classes: int) -> None:
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The recipe's optax transformation: gradient clipping by global norm (``clip_norm``), then the optimizer
+    with its learning-rate schedule, preceded by ``warmup`` steps rising linearly from 0 to ``lr``."""
     total = cfg.epochs * steps_per_epoch
+    if cfg.warmup >= total:
+        raise ValueError(f"train: warmup ({cfg.warmup} steps) must be shorter than the run ({total} steps)")
+    rest = total - cfg.warmup
     if cfg.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(cfg.lr, total)
+        lr = optax.cosine_decay_schedule(cfg.lr, rest)
     elif cfg.schedule == "step":  # divide by 10 at 50% and 75% of training
-        lr = optax.piecewise_constant_schedule(cfg.lr, {total // 2: 0.1, (3 * total) // 4: 0.1})
+        lr = optax.piecewise_constant_schedule(cfg.lr, {rest // 2: 0.1, (3 * rest) // 4: 0.1})
     else:
-        lr = cfg.lr
+        lr = cfg.lr  # a number, not a schedule: the optimizer state of runs saved before warmup existed still fits
+    if cfg.warmup:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup),
+                                   lr if callable(lr) else optax.constant_schedule(lr)], [cfg.warmup])
     if cfg.optimizer == "adam":
-        return optax.adam(lr)
-    return optax.sgd(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else None)
+        tx = optax.adam(lr)
+    elif cfg.optimizer == "adamw":
+        tx = optax.adamw(lr, weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
+    else:
+        tx = optax.sgd(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else None)
+    return tx if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
 
 
 @dataclass

@@ -63,7 +63,13 @@ def test_evaluator_pads_batches_without_changing_results():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(optimizer="rmsprop"), "optimizer must be one of 'sgd', 'momentum', 'adam' or 'newton', got 'rmsprop'"),
+    (dict(optimizer="rmsprop"), "optimizer must be one of 'sgd', 'momentum', 'adam', 'adamw' or 'newton', got "
+                                "'rmsprop'"),
+    (dict(warmup=-1), "warmup must be an int >= 0"),
+    (dict(clip_norm=0.0), "clip_norm must be a finite number > 0"),
+    (dict(optimizer="adamw", weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+    (dict(weight_decay=0.1), "weight_decay is AdamW's decoupled decay .* not adam's; for an L2 term"),
+    (dict(optimizer="newton", warmup=10), "warmup and clip_norm apply to the first-order optimizers"),
     (dict(dataset="imagenet"), "dataset must be one of digits, mnist"),
     (dict(epochs=0), "epochs must be a positive int"),
     (dict(lr=-1.0), "lr must be a positive number"),
@@ -117,3 +123,29 @@ def test_curves_have_a_per_step_panel_and_show_a_single_epoch(tmp_path):
         training.plot_curves(history, path, "t", best=1, step_losses=steps)
         widths[panels] = struct.unpack(">I", path.read_bytes()[16:20])[0]  # PNG IHDR width
     assert widths[3] == widths[2] * 3 // 2, widths
+
+
+def test_warmup_clipping_and_decoupled_weight_decay_are_optax_transforms():
+    """--warmup: the step size rises linearly from 0 over its steps, then follows the schedule (cosine here, over
+    the remaining steps); --clip-norm: a huge gradient moves SGD by lr * clip_norm; adamw with a zero gradient
+    only decays: theta (1 - lr wd) per step."""
+    import optax
+
+    params = {"w": jnp.full((4,), 2.0)}
+    tx = train.make_optimizer(train.TrainConfig(optimizer="sgd", lr=0.1, warmup=4, schedule="cosine", epochs=2), 10)
+    state, sizes = tx.init(params), []
+    for _ in range(10):
+        updates, state = tx.update({"w": jnp.ones(4)}, state, params)
+        sizes.append(float(-updates["w"][0]))
+    np.testing.assert_allclose(sizes[:5], [0.0, 0.025, 0.05, 0.075, 0.1], atol=1e-7)
+    np.testing.assert_allclose(sizes[5:], [0.1 * 0.5 * (1 + np.cos(np.pi * k / 16)) for k in range(1, 6)], rtol=1e-6)
+
+    tx = train.make_optimizer(train.TrainConfig(optimizer="sgd", lr=0.1, clip_norm=0.5), 10)
+    updates, _ = tx.update({"w": jnp.full((4,), 1e6)}, tx.init(params), params)
+    assert abs(float(optax.tree.norm(updates)) - 0.1 * 0.5) < 1e-6
+
+    tx = train.make_optimizer(train.TrainConfig(optimizer="adamw", lr=0.1, weight_decay=0.01), 10)
+    updates, _ = tx.update({"w": jnp.zeros(4)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.01 * 2.0, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"warmup \(20 steps\) must be shorter than the run \(20 steps\)"):
+        train.make_optimizer(train.TrainConfig(warmup=20, epochs=2), 10)
