@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear learning-rate warmup from 0 over STEPS steps, then the schedule (default 0)")
     t.add_argument("--weight-decay", type=float, metavar="WD",
                    help="--optimizer adamw: decoupled weight decay (default optax's 1e-4)")
+    t.add_argument("--augment", metavar="KINDS",
+                   help="augment each training batch on the device: crop (random crop of the zero-padded image), "
+                        "flip (left-right), crop,flip, or standard (crop, plus flip unless the dataset holds "
+                        "digits); seeded by --seed and the step, so a resumed run draws the same (default: none)")
+    t.add_argument("--crop-padding", type=int, metavar="P",
+                   help="zeros around the image for --augment crop (default: an eighth of its side, 4 for 32x32)")
     t.add_argument("--clip-norm", type=float, metavar="NORM",
                    help="clip each step's gradient to this global norm (default: no clipping)")
     t.add_argument("--loss", choices=["ce", "squared"],

@@ -27,6 +27,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxcnn import augment as augmentation
 from jaxcnn import data as datasets
 from jaxcnn import objective as obj
 from jaxcnn import parallel
@@ -56,6 +57,8 @@ class TrainConfig:
     warmup: int = 0  # steps of linear learning-rate warmup from 0, in front of the schedule
     weight_decay: float | None = None  # AdamW's decoupled decay (None: optax's 1e-4); adamw only
     clip_norm: float | None = None  # clip each step's gradient to this global norm (None: no clipping)
+    augment: str = ""  # "crop", "flip", "crop,flip" or "standard" (jaxcnn.augment), in the step, on the device
+    crop_padding: int | None = None  # zeros around the image for random crops (None: an eighth of its side)
     loss: str = "ce"
     C: float | None = None
     grad: str = "hand"
@@ -103,9 +106,15 @@ class TrainConfig:
         if self.weight_decay is not None and self.optimizer != "adamw":
             raise ValueError(f"train: weight_decay is AdamW's decoupled decay (optimizer adamw), not "
                              f"{self.optimizer}'s; for an L2 term in the objective use C (Lin's ||theta||^2 / (2C))")
-        if self.optimizer == "newton" and (self.warmup or self.clip_norm is not None):
-            raise ValueError("train: warmup and clip_norm apply to the first-order optimizers, not newton (its "
-                             "step comes from a line search)")
+        if self.optimizer == "newton" and (self.warmup or self.clip_norm is not None or self.augment):
+            raise ValueError("train: warmup, clip_norm and augment apply to the first-order optimizers, not newton "
+                             "(its step comes from a line search on a fixed objective)")
+        if not isinstance(self.augment, str):
+            raise ValueError(f"train: augment must be a string such as 'crop,flip', got {self.augment!r}")
+        augmentation.parse(self.augment, self.dataset)
+        if self.crop_padding is not None and (isinstance(self.crop_padding, bool) or
+                                              not isinstance(self.crop_padding, int) or self.crop_padding < 1):
+            raise ValueError(f"train: crop_padding must be a positive int, got {self.crop_padding!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"train: val_fraction must be in [0, 1), got {self.val_fraction!r}")
         for name in ("iterations", "cg_max"):
@@ -364,7 +373,14 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
     ``skip``, no step after it is applied either, so the params stay those of the last good step.
     """
 
+    kinds = augmentation.parse(cfg.augment, cfg.dataset)
+
     def local(params, opt_state, guard, x, y):
+        if kinds:  # each example's draw keyed by the global step and its place in the global batch
+            index = lax.axis_index(parallel.AXIS) * x.shape[0] + jnp.arange(x.shape[0])
+            key = jax.random.fold_in(jax.random.key(cfg.seed + 0x5EED), guard["count"])
+            padding = cfg.crop_padding or augmentation.default_padding(x.shape[1:3])
+            x = augmentation.augment(x, key, index, kinds, padding)
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
             params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule)
         # The mean over devices of the shard means is the whole batch's objective and gradient.
