@@ -63,6 +63,24 @@ class Dataset:
     y_test: np.ndarray
     classes: int = 10
 
+    def __post_init__(self):
+        """A user's own arrays are checked here: images [N, H, W, C] of one size, one integer label in
+        [0, classes) per image."""
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if getattr(x, "ndim", None) != 4:
+                raise ValueError(f"{self.name}: x_{split} must be images [N, H, W, C], got shape "
+                                 f"{getattr(x, 'shape', type(x).__name__)}")
+            if getattr(y, "shape", None) != (x.shape[0],) or not np.issubdtype(np.asarray(y).dtype, np.integer):
+                raise ValueError(f"{self.name}: y_{split} must be {x.shape[0]} integer labels (one per image), got "
+                                 f"{getattr(y, 'dtype', type(y).__name__)} of shape {getattr(y, 'shape', None)}")
+            if len(y) and not (int(np.min(y)) >= 0 and int(np.max(y)) < self.classes):
+                raise ValueError(f"{self.name}: y_{split} must lie in [0, {self.classes}) (classes={self.classes}), "
+                                 f"got {int(np.min(y))}..{int(np.max(y))}")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(f"{self.name}: train and test images differ in size: {self.x_train.shape[1:]} and "
+                             f"{self.x_test.shape[1:]}")
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]

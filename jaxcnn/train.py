@@ -233,7 +233,8 @@ class NonFiniteError(FloatingPointError):
 def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable | None = None,
         progress: bool = False, checkpoint: Callable | None = None, checkpoint_every: int = 0,
         resume: tuple | None = None, on_nan: str = "stop", devices: int | None = None,
-        heartbeat: Callable[[str], None] | None = None, every: float = 30.0) -> FitResult:
+        heartbeat: Callable[[str], None] | None = None, every: float = 30.0,
+        optimizer: optax.GradientTransformation | None = None) -> FitResult:
     """Train ``net`` on ``prep`` by ``cfg``, data-parallel over ``devices`` local devices of every process
     (default all; see ``jaxcnn.parallel``).
 
@@ -244,7 +245,8 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     layer whose output went non-finite (no checkpoint is written after it); ``on_nan="skip"`` skips such steps
     and counts them. ``heartbeat``, if given, receives a progress line (step, loss, speed, time left in the
     epoch) every ``every`` seconds within an epoch, for logs without a terminal; the speed leaves the first step,
-    which compiles, out.
+    which compiles, out. ``optimizer``: an optax transformation of the caller's, used instead of the recipe's
+    (``make_optimizer``; the recipe's lr, schedule, warmup, weight decay and clipping are then unused).
     """
     from tqdm import tqdm
 
@@ -262,7 +264,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     steps = n // batch  # the remainder of each epoch's permutation is skipped (a different one each epoch)
     mesh = parallel.make_mesh(devices)
     parallel.check_batch(batch, mesh)
-    tx = make_optimizer(cfg, steps)
+    tx = make_optimizer(cfg, steps) if optimizer is None else optimizer
     params = net.init(jax.random.key(cfg.seed), prep.input_shape)
     opt_state = tx.init(params)
     pos, best_params = Position(), None

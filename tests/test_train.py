@@ -149,3 +149,29 @@ def test_warmup_clipping_and_decoupled_weight_decay_are_optax_transforms():
     np.testing.assert_allclose(updates["w"], -0.1 * 0.01 * 2.0, rtol=1e-6)
     with pytest.raises(ValueError, match=r"warmup \(20 steps\) must be shorter than the run \(20 steps\)"):
         train.make_optimizer(train.TrainConfig(warmup=20, epochs=2), 10)
+
+
+def test_fit_takes_a_users_arrays_and_optax_transform():
+    """train.fit on a data.Dataset of one's own arrays, with one's own optax transformation: a zero learning rate
+    leaves the initial params, which a recipe's optimizer would not; bad arrays are named before anything runs."""
+    import optax
+
+    from jaxcnn import data
+
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 6, 6, 1), dtype=np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int32)
+    mine = data.Dataset("mine", x[:50], y[:50], x[50:], y[50:], classes=2)
+    cfg = train.TrainConfig(epochs=1, batch_size=10, val_fraction=0.2)
+    net = jc.Sequential([jc.Conv(2, 3), jc.Flatten(), jc.Dense(2)])
+    result = train.fit(net, train.prepare(mine, cfg), cfg, optimizer=optax.sgd(0.0))
+    initial = net.init(jax.random.key(cfg.seed), (6, 6, 1))
+    for layer in initial:
+        for name in initial[layer]:
+            np.testing.assert_array_equal(result.params[layer][name], initial[layer][name])
+    with pytest.raises(ValueError, match=r"mine: y_train must lie in \[0, 2\) \(classes=2\), got 0..2"):
+        data.Dataset("mine", x, np.where(y > 0, 2, 0).astype(np.int32), x, y, classes=2)
+    with pytest.raises(ValueError, match=r"mine: y_test must be 60 integer labels .* got float64"):
+        data.Dataset("mine", x, y, x, y.astype(np.float64), classes=2)
+    with pytest.raises(ValueError, match="mine: x_train must be images"):
+        data.Dataset("mine", x[..., 0], y, x, y, classes=2)
