@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the step and count it")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bars or progress lines (epoch lines are still printed)")
+    t.add_argument("--log-steps", type=int, default=10, metavar="K",
+                   help="write every K-th step's objective, learning rate and gradient norms (global and per "
+                        "layer) to metrics.csv; 0: none")
     t.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="without a terminal (a log file, a batch job), print a progress line this often within an "
                         "epoch: step, loss, speed, time left; 0: never")
@@ -248,8 +251,8 @@ def cmd_train(args) -> int:
 
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     progress = args.progress and sys.stderr.isatty()
-    if args.log_every < 0:
-        raise ValueError(f"--log-every must be >= 0 seconds, got {args.log_every}")
+    if args.log_every < 0 or args.log_steps < 0:
+        raise ValueError(f"--log-every and --log-steps must be >= 0, got {args.log_every} and {args.log_steps}")
     log_every = args.log_every if args.progress and not progress else None  # bars on a terminal, lines elsewhere
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; expected a folder (a new one, or a run's to --resume)")
@@ -263,7 +266,8 @@ def cmd_train(args) -> int:
         if recipe_flags:
             raise ValueError(f"--resume continues a run with the recipe it was started with; drop "
                              f"{', '.join(recipe_flags)}")
-        train.resume_run(args.out, progress=progress, devices=args.devices, log_every=log_every)
+        train.resume_run(args.out, progress=progress, devices=args.devices, log_every=log_every,
+                         log_steps=args.log_steps)
         return 0
     for name in ("checkpoint_every", "keep_checkpoints"):
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
@@ -271,7 +275,8 @@ def cmd_train(args) -> int:
     net, cfg, name = resolve(args)
     out = args.out or f"runs/{safe_name(name)}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     train.run(net, cfg, out, recipe=name, progress=progress, checkpoint_every=args.checkpoint_every,
-              on_nan=args.on_nan, keep=args.keep_checkpoints, devices=args.devices, log_every=log_every)
+              on_nan=args.on_nan, keep=args.keep_checkpoints, devices=args.devices, log_every=log_every,
+              log_steps=args.log_steps)
     return 0
 
 

@@ -177,7 +177,20 @@ def check_network(net: Sequential, input_shape, classes: int) -> None:
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """The recipe's optax transformation: gradient clipping by global norm (``clip_norm``), then the optimizer
-    with its learning-rate schedule, preceded by ``warmup`` steps rising linearly from 0 to ``lr``."""
+    with its learning rate (``learning_rate``)."""
+    lr = learning_rate(cfg, steps_per_epoch)
+    if cfg.optimizer == "adam":
+        tx = optax.adam(lr)
+    elif cfg.optimizer == "adamw":
+        tx = optax.adamw(lr, weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
+    else:
+        tx = optax.sgd(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else None)
+    return tx if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+
+
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
+    """The recipe's learning rate: a number (constant, no warmup) or an optax schedule of the step: ``warmup``
+    steps rising linearly from 0 to ``lr``, then the schedule over the remaining steps."""
     total = cfg.epochs * steps_per_epoch
     if cfg.warmup >= total:
         raise ValueError(f"train: warmup ({cfg.warmup} steps) must be shorter than the run ({total} steps)")
@@ -191,13 +204,7 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
     if cfg.warmup:
         lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup),
                                    lr if callable(lr) else optax.constant_schedule(lr)], [cfg.warmup])
-    if cfg.optimizer == "adam":
-        tx = optax.adam(lr)
-    elif cfg.optimizer == "adamw":
-        tx = optax.adamw(lr, weight_decay=1e-4 if cfg.weight_decay is None else cfg.weight_decay)
-    else:
-        tx = optax.sgd(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else None)
-    return tx if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return lr
 
 
 @dataclass
@@ -234,7 +241,8 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
         progress: bool = False, checkpoint: Callable | None = None, checkpoint_every: int = 0,
         resume: tuple | None = None, on_nan: str = "stop", devices: int | None = None,
         heartbeat: Callable[[str], None] | None = None, every: float = 30.0,
-        optimizer: optax.GradientTransformation | None = None) -> FitResult:
+        optimizer: optax.GradientTransformation | None = None, on_steps: Callable[[list[dict]], None] | None = None,
+        log_steps: int = 0) -> FitResult:
     """Train ``net`` on ``prep`` by ``cfg``, data-parallel over ``devices`` local devices of every process
     (default all; see ``jaxcnn.parallel``).
 
@@ -247,6 +255,8 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     epoch) every ``every`` seconds within an epoch, for logs without a terminal; the speed leaves the first step,
     which compiles, out. ``optimizer``: an optax transformation of the caller's, used instead of the recipe's
     (``make_optimizer``; the recipe's lr, schedule, warmup, weight decay and clipping are then unused).
+    ``on_steps(rows)``, with ``log_steps`` k > 0: every k-th step's objective, learning rate, global gradient norm
+    and each layer's (``grad_norm/<layer>``) as rows of a table, handed over whenever results reach the host.
     """
     from tqdm import tqdm
 
@@ -274,9 +284,18 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     params, opt_state, guard = parallel.replicate(mesh, (params, opt_state, guard))
     step = make_step(net, tx, cfg, mesh, skip=on_nan == "skip")
     evaluate = make_evaluator(net, cfg, max(len(prep.x_val), len(prep.x_test)), mesh=mesh)
+    lr = learning_rate(cfg, steps) if optimizer is None else None
+    norm_names = ["grad_norm", *(f"grad_norm/{name}" for name in sorted(params))]
+    logged: list[tuple[int, int, jax.Array, jax.Array]] = []  # (global step, epoch, objective, norms) on device
 
     def sync(values, corrects):
         """Bring the device-side step results to the host; stop on a non-finite step (on_nan="stop")."""
+        if logged and on_steps is not None:
+            host = parallel.to_host([(v, n) for _, _, v, n in logged])
+            on_steps([{"step": g, "epoch": e, "objective": float(v),
+                       "lr": "" if lr is None else float(lr(g - 1) if callable(lr) else lr),
+                       **dict(zip(norm_names, map(float, n)))} for (g, e, _, _), (v, n) in zip(logged, host)])
+            logged.clear()
         if values:
             pos.values.extend(np.asarray(parallel.to_host(jnp.stack(values)), np.float64).tolist())
             pos.correct += int(np.sum(parallel.to_host(jnp.stack(corrects))))
@@ -309,6 +328,8 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
                 corrects.append(aux["correct"])
                 parallel.pace(mesh, values)
                 pos.step += 1
+                if log_steps and ((epoch - 1) * steps + pos.step) % log_steps == 0:
+                    logged.append(((epoch - 1) * steps + pos.step, epoch, value, aux["grad_norms"]))
                 bar.update()
                 done += 1
                 if progress and (s % 20 == 0 or s == steps - 1):
@@ -387,6 +408,8 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
             params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule)
         # The mean over devices of the shard means is the whole batch's objective and gradient.
         value, grads, aux = parallel.combine(mesh, value, grads, aux)
+        layer_norms = [optax.tree.norm(grads[name]) for name in sorted(grads)]  # for metrics.csv
+        aux["grad_norms"] = jnp.stack([optax.tree.norm(grads), *layer_norms])
         grad_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
         ok = jnp.isfinite(value) & jnp.all(grad_finite)
         updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -495,7 +518,8 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
 
 def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, progress: bool = True,
         log: Callable[[str], None] = print, checkpoint_every: int = 0, on_nan: str = "stop", keep: int = 3,
-        resume_from: tuple | None = None, devices: int | None = None, log_every: float | None = None) -> dict:
+        resume_from: tuple | None = None, devices: int | None = None, log_every: float | None = None,
+        log_steps: int = 0) -> dict:
     """Load the data, train, and write to ``out``: metrics.jsonl, model.safetensors (best params), training states
     in checkpoints/ (every epoch and every ``checkpoint_every`` steps, the newest ``keep``), then summary.json
     and curves.png. With several processes, all train and process 0 alone logs and writes.
@@ -504,6 +528,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     ``run.json`` names the run (recipe, dataset, network, training config) from its start, and says
     ``"complete": true`` once every file is written: that is the last write. ``log_every`` seconds: also log a
     progress line that often within an epoch (``fit``'s ``heartbeat``), for logs without a terminal.
+    ``log_steps`` k > 0: ``metrics.csv`` gets every k-th step's objective, learning rate and gradient norms.
     """
     out = Path(out)
     main = parallel.is_main()
@@ -573,6 +598,13 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
             log(f"WARNING: every one of epoch {record['epoch']}'s {steps_per_epoch} steps was skipped (non-finite "
                 f"objective or gradient): nothing trained in it")
 
+    step_rows = _resumed_rows(out / "metrics.csv", resume_from)
+
+    def on_steps(rows):
+        step_rows.extend(rows)
+        if main:
+            atomic_write(out / "metrics.csv", _csv(step_rows))
+
     def checkpoint(state):
         if not main:
             return
@@ -584,7 +616,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     result = fit(net, prep, cfg, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint,
                  checkpoint_every=checkpoint_every, on_nan=on_nan,
                  resume=resume_from and (resume_from[0], resume_from[1]), devices=devices,
-                 heartbeat=log if log_every else None, every=log_every or 0.0)
+                 heartbeat=log if log_every else None, every=log_every or 0.0, on_steps=on_steps,
+                 log_steps=log_steps if cfg.optimizer != "newton" else 0)
     seconds = time.perf_counter() - begin
     summary = {"test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"], "epochs": cfg.epochs,
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": rule,
@@ -610,6 +643,31 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                              f"(--on-nan skip: non-finite objective or gradient), so nothing trained in them; "
                              f"see skipped_steps in {out / 'metrics.jsonl'}")
     return summary
+
+
+def _csv(rows: list[dict]) -> str:
+    """Rows of equal keys as CSV text (header first)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _resumed_rows(path: Path, resume_from: tuple | None) -> list[dict]:
+    """The rows of ``metrics.csv`` a resumed run keeps: those of the steps up to its training state's."""
+    import csv
+
+    if resume_from is None or not path.is_file():
+        return []
+    meta = resume_from[1]
+    done = (meta["position"]["epoch"] - 1) * meta["steps_per_epoch"] + meta["position"]["step"]
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [row for row in rows if row.get("step", "").isdigit() and int(row["step"]) <= done]
 
 
 def versions() -> dict[str, str]:
@@ -654,7 +712,7 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
-               devices: int | None = None, log_every: float | None = None) -> dict:
+               devices: int | None = None, log_every: float | None = None, log_steps: int = 0) -> dict:
     """Continue the run in ``out`` from its newest intact training state, with the recipe, network and options
     it was started with. A damaged newest state is reported and the one before it used."""
     out = Path(out)
@@ -693,7 +751,7 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
             f"{meta['steps_per_epoch']} steps done")
     return run(net, cfg, out, recipe=meta["recipe"], progress=progress, log=log,
                checkpoint_every=meta["checkpoint_every"], on_nan=meta["on_nan"], keep=meta["keep"],
-               resume_from=(arrays, meta), devices=devices, log_every=log_every)
+               resume_from=(arrays, meta), devices=devices, log_every=log_every, log_steps=log_steps)
 
 
 def plot_curves(history: list[dict], path: Path, title: str, best: int | None = None,

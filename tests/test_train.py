@@ -175,3 +175,32 @@ def test_fit_takes_a_users_arrays_and_optax_transform():
         data.Dataset("mine", x, y, x, y.astype(np.float64), classes=2)
     with pytest.raises(ValueError, match="mine: x_train must be images"):
         data.Dataset("mine", x[..., 0], y, x, y, classes=2)
+
+
+def test_metrics_csv_holds_every_kth_step_and_survives_a_resume(tmp_path, monkeypatch):
+    """log_steps=5: metrics.csv has steps 5, 10, ... with the objective, the learning rate of that step (warmup
+    then constant here) and gradient norms whose squares add up to the global one's; a run cut short and resumed
+    writes the same file, bit for bit."""
+    import csv
+
+    from tests.test_reliability import crash_after
+
+    cfg = train.TrainConfig(epochs=2, warmup=10)
+    options = dict(recipe="digits-cnn", progress=False, log=lambda s: None, checkpoint_every=10, log_steps=5)
+    train.run(jc.preset("digits-cnn"), cfg, tmp_path / "a", **options)
+    rows = list(csv.DictReader((tmp_path / "a" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == list(range(5, 75, 5))
+    assert list(rows[0]) == ["step", "epoch", "objective", "lr", "grad_norm", "grad_norm/conv1", "grad_norm/conv2",
+                             "grad_norm/dense1"]
+    np.testing.assert_allclose([float(r["lr"]) for r in rows[:3]], [4e-4, 9e-4, 1e-3], rtol=1e-6)
+    for r in rows:
+        layers = [float(r[k]) for k in r if k.startswith("grad_norm/")]
+        assert abs(np.sqrt(np.sum(np.square(layers))) - float(r["grad_norm"])) < 1e-5 * float(r["grad_norm"])
+    crash_after(5, monkeypatch)  # after step 40: saves at steps 10, 20, 30, 37 (epoch 1's end), 40
+    with pytest.raises(KeyboardInterrupt):
+        train.run(jc.preset("digits-cnn"), cfg, tmp_path / "b", **options)
+    monkeypatch.undo()
+    with open(tmp_path / "b" / "metrics.csv", "a") as f:  # a row written after the newest state, as a kill leaves
+        f.write("45,2,9.9,0.001,1.0,1.0,0.0,0.0\n")
+    train.resume_run(tmp_path / "b", progress=False, log=lambda s: None, log_steps=5)
+    assert (tmp_path / "b" / "metrics.csv").read_bytes() == (tmp_path / "a" / "metrics.csv").read_bytes()
