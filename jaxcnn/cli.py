@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear learning-rate warmup from 0 over STEPS steps, then the schedule (default 0)")
     t.add_argument("--weight-decay", type=float, metavar="WD",
                    help="--optimizer adamw: decoupled weight decay (default optax's 1e-4)")
+    t.add_argument("--label-smoothing", type=float, metavar="EPS",
+                   help="train on the targets (1 - EPS) onehot + EPS / K; the reported losses stay the plain ones "
+                        "(default 0)")
     t.add_argument("--augment", metavar="KINDS",
                    help="augment each training batch on the device: crop (random crop of the zero-padded image), "
                         "flip (left-right), crop,flip, or standard (crop, plus flip unless the dataset holds "

@@ -30,15 +30,24 @@ def regulariser(params, C: float | None) -> jax.Array:
     return sum(jnp.sum(jnp.square(p)) for p in jax.tree_util.tree_leaves(params)) / (2 * C)
 
 
+def smoothed(labels: jax.Array, classes: int, epsilon: float) -> jax.Array:
+    """Label smoothing's targets q = (1 - epsilon) onehot(y) + epsilon / K, rows [N, K]. The losses' hand
+    gradients take target rows as they are: softmax cross-entropy's becomes (p - q) / N (Sadeghzadeh's p - y with
+    y = q, since q sums to 1), the squared loss's 2 (z - q) / N."""
+    return (1 - epsilon) * jax.nn.one_hot(labels, classes) + epsilon / classes
+
+
 def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss: str = "ce",
-              C: float | None = None, grad: str = "hand", rule: str | None = None):
+              C: float | None = None, grad: str = "hand", rule: str | None = None, label_smoothing: float = 0.0):
     """f(theta) on a batch (Lin eq. 1-2). Returns ``(f, aux)`` with ``aux = {"loss": the batch-mean data term,
     "correct": number of correctly classified examples, "finite": whether each layer's output is free of NaN and
-    Inf}`` (for ``jax.value_and_grad(..., has_aux=True)``)."""
+    Inf}`` (for ``jax.value_and_grad(..., has_aux=True)``). ``label_smoothing`` epsilon > 0 trains on the targets
+    of ``smoothed``."""
     check(loss, C)
     outputs = net.outputs(params, x, grad=grad, rule=rule)
     logits = outputs[-1]
-    data_term = LOSSES[loss](logits, labels, grad=grad)
+    targets = smoothed(labels, logits.shape[-1], label_smoothing).astype(logits.dtype) if label_smoothing else labels
+    data_term = LOSSES[loss](logits, targets, grad=grad)
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
     finite = jnp.stack([jnp.all(jnp.isfinite(o)) for o in outputs])
     return data_term + regulariser(params, C), {"loss": data_term, "correct": correct, "finite": finite}

@@ -57,6 +57,7 @@ class TrainConfig:
     warmup: int = 0  # steps of linear learning-rate warmup from 0, in front of the schedule
     weight_decay: float | None = None  # AdamW's decoupled decay (None: optax's 1e-4); adamw only
     clip_norm: float | None = None  # clip each step's gradient to this global norm (None: no clipping)
+    label_smoothing: float = 0.0  # epsilon: train on (1 - epsilon) onehot + epsilon / K (objective.smoothed)
     augment: str = ""  # "crop", "flip", "crop,flip" or "standard" (jaxcnn.augment), in the step, on the device
     crop_padding: int | None = None  # zeros around the image for random crops (None: an eighth of its side)
     loss: str = "ce"
@@ -106,9 +107,13 @@ class TrainConfig:
         if self.weight_decay is not None and self.optimizer != "adamw":
             raise ValueError(f"train: weight_decay is AdamW's decoupled decay (optimizer adamw), not "
                              f"{self.optimizer}'s; for an L2 term in the objective use C (Lin's ||theta||^2 / (2C))")
-        if self.optimizer == "newton" and (self.warmup or self.clip_norm is not None or self.augment):
-            raise ValueError("train: warmup, clip_norm and augment apply to the first-order optimizers, not newton "
-                             "(its step comes from a line search on a fixed objective)")
+        if (isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float))
+                or not 0 <= self.label_smoothing < 1):
+            raise ValueError(f"train: label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.optimizer == "newton" and (self.warmup or self.clip_norm is not None or self.augment
+                                           or self.label_smoothing):
+            raise ValueError("train: warmup, clip_norm, augment and label_smoothing apply to the first-order "
+                             "optimizers, not newton (its step comes from a line search on Lin's objective)")
         if not isinstance(self.augment, str):
             raise ValueError(f"train: augment must be a string such as 'crop,flip', got {self.augment!r}")
         augmentation.parse(self.augment, self.dataset)
@@ -405,7 +410,8 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
             padding = cfg.crop_padding or augmentation.default_padding(x.shape[1:3])
             x = augmentation.augment(x, key, index, kinds, padding)
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
-            params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule)
+            params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule,
+            label_smoothing=cfg.label_smoothing)
         # The mean over devices of the shard means is the whole batch's objective and gradient.
         value, grads, aux = parallel.combine(mesh, value, grads, aux)
         layer_norms = [optax.tree.norm(grads[name]) for name in sorted(grads)]  # for metrics.csv

@@ -53,3 +53,32 @@ def test_bad_arguments():
         obj.objective(params, NET, x, labels, loss="hinge")
     with pytest.raises(ValueError, match=r"C must be > 0"):
         obj.objective(params, NET, x, labels, C=0)
+
+
+@pytest.mark.parametrize("loss", ["ce", "squared"])
+def test_label_smoothing_trains_on_smoothed_targets_with_the_hand_gradient(loss):
+    """epsilon = 0.1: the data term is the loss of q = 0.9 onehot + 0.1 / K; its gradient with respect to the logits
+    is the hand rule's on q ((p - q) / N, or 2 (z - q) / N), and the network's hand gradient equals autodiff's and
+    finite differences (float64)."""
+    params, x, labels = setup()
+    eps, K = 0.1, 3
+    q = 0.9 * np.eye(K)[np.asarray(labels)] + eps / K
+    f = lambda p, grad: obj.objective(p, NET, x, labels, loss=loss, C=2.0, grad=grad, label_smoothing=eps)[0]
+    logits = NET.apply(params, x)
+    p = np.asarray(jax.nn.softmax(logits))
+    data = -np.mean(np.sum(q * np.log(p), axis=1)) if loss == "ce" else np.mean(np.sum((logits - q) ** 2, axis=1))
+    reg = sum(float(jnp.sum(a ** 2)) for a in jax.tree_util.tree_leaves(params)) / 4.0
+    np.testing.assert_allclose(float(f(params, "hand")), data + reg, rtol=1e-12)
+    dz = jax.grad(lambda z: jc.softmax_cross_entropy(z, jnp.asarray(q)) if loss == "ce" else
+                  jc.squared_error(z, jnp.asarray(q)))(logits)
+    np.testing.assert_allclose(dz, (p - q) / 6 if loss == "ce" else 2 * (logits - q) / 6, rtol=1e-10, atol=1e-14)
+    hand = jax.jit(jax.grad(lambda p: f(p, "hand")))(params)
+    auto = jax.jit(jax.grad(lambda p: f(p, "autodiff")))(params)
+    flat = lambda t: jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(t)])
+    np.testing.assert_allclose(flat(hand), flat(auto), rtol=1e-10, atol=1e-13)
+    direction = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) / a.size, params)
+    h = 1e-6
+    plus = jax.tree_util.tree_map(lambda a, d: a + h * d, params, direction)
+    minus = jax.tree_util.tree_map(lambda a, d: a - h * d, params, direction)
+    fd = (float(f(plus, "autodiff")) - float(f(minus, "autodiff"))) / (2 * h)
+    assert abs(fd - float(jnp.vdot(flat(hand), flat(direction)))) < 1e-7 * max(1.0, abs(fd))

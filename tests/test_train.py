@@ -69,7 +69,9 @@ def test_evaluator_pads_batches_without_changing_results():
     (dict(clip_norm=0.0), "clip_norm must be a finite number > 0"),
     (dict(optimizer="adamw", weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
     (dict(weight_decay=0.1), "weight_decay is AdamW's decoupled decay .* not adam's; for an L2 term"),
-    (dict(optimizer="newton", warmup=10), "warmup, clip_norm and augment apply to the first-order optimizers"),
+    (dict(optimizer="newton", warmup=10), "warmup, clip_norm, augment and label_smoothing apply to the "
+                                          "first-order"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
     (dict(dataset="imagenet"), "dataset must be one of digits, mnist"),
     (dict(epochs=0), "epochs must be a positive int"),
     (dict(lr=-1.0), "lr must be a positive number"),
