@@ -9,8 +9,8 @@ import jaxcnn as jc
 from jaxcnn import data, parallel, train
 
 
-def train_steps(devices: int, steps: int = 20, batch: int = 32, rule: str | None = None):
-    cfg = train.TrainConfig(epochs=1, batch_size=batch, rule=rule)
+def train_steps(devices: int, steps: int = 20, batch: int = 32, rule: str | None = None, augment: str = ""):
+    cfg = train.TrainConfig(epochs=1, batch_size=batch, rule=rule, augment=augment)
     prep = train.prepare(data.load("digits"), cfg)
     prep = train.Prepared(prep.name, prep.x_fit[:steps * batch], prep.y_fit[:steps * batch], prep.x_val,
                           prep.y_val, prep.x_test, prep.y_test, prep.mean, prep.classes)  # exactly `steps` steps
@@ -33,16 +33,21 @@ if __name__ == "__main__":
     if sys.argv[1] == "small":
         print(json.dumps(smallest_batches()))
         sys.exit()
+    def params_rel(a, b):
+        return max(float(np.abs(a.params[k][n] - b.params[k][n]).max() / np.abs(a.params[k][n]).max())
+                   for k in a.params for n in a.params[k])
+
     one, many = train_steps(1), train_steps(int(sys.argv[1]))
-    rel = max(float(np.abs(one.params[k][n] - many.params[k][n]).max() / np.abs(one.params[k][n]).max())
-              for k in one.params for n in one.params[k])
+    rel = params_rel(one, many)
+    # augmentation keyed by each example's place in the global batch: the same draws on any number of devices
+    augmented_rel = params_rel(train_steps(1, augment="crop,flip"), train_steps(int(sys.argv[1]), augment="crop,flip"))
     try:
         parallel.check_batch(30, parallel.make_mesh())
         error = None
     except ValueError as err:
         error = str(err)
     objective_rel = float(np.max(np.abs(one.step_losses - many.step_losses) / np.abs(one.step_losses)))
-    print(json.dumps({"devices": parallel.make_mesh().size, "params_rel": rel,
+    print(json.dumps({"devices": parallel.make_mesh().size, "params_rel": rel, "augmented_rel": augmented_rel,
                       "steps": len(one.step_losses), "objective_rel": objective_rel,
                       "val": [one.history[0]["val_loss"], many.history[0]["val_loss"]],
                       "test": [one.test["accuracy"], many.test["accuracy"]], "error": error}))
