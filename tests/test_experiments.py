@@ -1,6 +1,7 @@
 """Each experiment script runs end to end (in its --quick form) and writes its report."""
 
 import importlib
+import os
 
 import pytest
 
@@ -19,8 +20,10 @@ EXPERIMENTS = {
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_experiment_runs_quick(name, tmp_path):
+    environment = dict(os.environ)
     module = importlib.import_module(f"experiments.{name}")
     module.main(["--quick", "--out", str(tmp_path)])
+    assert dict(os.environ) == environment, "an experiment changed the environment later subprocesses inherit"
     files = EXPERIMENTS[name] or [module.results_name()]
     for file in files:
         assert (tmp_path / file).stat().st_size > 0, f"{name} did not write {file}"
