@@ -15,11 +15,8 @@ examples, against the segment size (``batch_size``).
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments._common import machine, parser, table, write
@@ -29,20 +26,6 @@ HAND_GRADIENT = "hand gradient"
 HAND, HAND_STORED = "G v, hand rules", "G v, hand rules, forward stored"
 AUTODIFF, AUTODIFF_LINEARIZED = "G v, jvp + vjp, our forward (autodiff)", "G v, our forward, jax.linearize once"
 XLA, XLA_LINEARIZED = "G v, jvp + vjp, XLA network", "G v, XLA network, jax.linearize once"
-
-
-def timings(functions: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each jitted function ``name: (f, args)``, called round-robin ``rounds`` times after one
-    warm-up."""
-    for f, args in functions.values():
-        jax.block_until_ready(f(*args))
-    seconds = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, (f, args) in functions.items():
-            start = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            seconds[name].append(time.perf_counter() - start)
-    return {name: float(np.median(s)) for name, s in seconds.items()}
 
 
 def temp_bytes(f, *args) -> int | None:
@@ -135,7 +118,7 @@ def main(argv=None) -> None:
                  XLA_LINEARIZED: linearized(xla)}
     results = [ravel_pytree(f(*a))[0] for f, a in list(functions.values())[1:]]
     agree = max(float(jnp.max(jnp.abs(results[0] - r)) / jnp.max(jnp.abs(r))) for r in results[1:])
-    seconds = timings(functions, 3 if args.quick else 15)
+    seconds = bench.round_robin(functions, 3 if args.quick else 15)
     base = seconds[HAND_GRADIENT]
     rows = [[name, f"{s * 1e3:.1f}", f"{s / base:.2f}x"] for name, s in seconds.items()]
 

@@ -26,14 +26,13 @@ import dataclasses
 import json
 import os
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxcnn import bench
 from jaxcnn import network as nw
 from jaxcnn._io import atomic_write, strict_json
 
@@ -47,10 +46,10 @@ def label(rule: str, store_phi: bool | None, fused: bool = False) -> str:
     return f"{'fused, ' if fused else ''}{rule}{' (phi stored)' if store_phi else ''}"
 
 
-def candidates(net: nw.Sequential) -> list[tuple[bool, str, bool]]:
-    """(fused, rule, store_phi) to time: each rule, on the network as given and, where it has Conv -> ReLU ->
+def candidates(net: nw.Sequential) -> list[tuple[str, bool, bool]]:
+    """(rule, store_phi, fused) to time: each rule, on the network as given and, where it has Conv -> ReLU ->
     MaxPool runs, on its fused form (``Sequential.fuse``: the same function and params)."""
-    return [(fused, *rule) for fused in ((False, True) if net.fuse() != net else (False,)) for rule in RULES]
+    return [(*rule, fused) for fused in ((False, True) if net.fuse() != net else (False,)) for rule in RULES]
 
 
 def machine_key() -> str:
@@ -89,7 +88,7 @@ def _read(path: Path) -> dict:
 
 def _complete(ms, net: nw.Sequential) -> bool:
     """Whether a cache entry holds a positive time for every candidate (else it is measured anew)."""
-    names = [label(rule, store_phi, fused) for fused, rule, store_phi in candidates(net)]
+    names = [label(*candidate) for candidate in candidates(net)]
     return isinstance(ms, dict) and all(isinstance(ms.get(n), (int, float)) and ms[n] > 0 for n in names)
 
 
@@ -123,20 +122,11 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     x = jax.random.normal(keys[1], (batch, *input_shape), dtype)
     classes = net.shapes(input_shape)[-1][-1]
     y = jax.random.randint(keys[2], (batch,), 0, classes)
-    steps = {}
-    for fused, rule, store_phi in candidates(net):
-        candidate = uniform(net, rule, store_phi, fused)
-        steps[label(rule, store_phi, fused)] = jax.jit(jax.grad(
-            lambda p, x, y, candidate=candidate: objective.objective(p, candidate, x, y)[0]))
-    for step in steps.values():
-        jax.block_until_ready(step(params, x, y))  # compile and warm up
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step(params, x, y))
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    def gradient(tuned: nw.Sequential):
+        return jax.jit(jax.grad(lambda p, x, y: objective.objective(p, tuned, x, y)[0]))
+
+    steps = {label(*c): (gradient(uniform(net, *c)), (params, x, y)) for c in candidates(net)}
+    return bench.round_robin(steps, repeats)
 
 
 def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, *, log: Callable[[str], None] = print,
@@ -149,10 +139,10 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
         return net, None
     input_shape = tuple(input_shape)
     cache = cache_file() if cache is None else Path(cache)
-    store = _read(cache)
-    if not isinstance(store.get(machine_key()), dict):
-        store[machine_key()] = {}
-    entries = store[machine_key()]
+    store, machine = _read(cache), machine_key()
+    if not isinstance(store.get(machine), dict):
+        store[machine] = {}
+    entries = store[machine]
     key = geometry_key(net, input_shape, batch, dtype)
     measured = remeasure or not _complete(entries.get(key), net)
     if measured:
@@ -163,9 +153,9 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
         except OSError as err:  # a read-only home: the run goes on, timing again next time
             log(f"rule auto: could not write the cache {cache} ({err}); the timings are not kept")
     ms = entries[key]
-    fused, rule, store_phi = min(candidates(net), key=lambda c: ms[label(c[1], c[2], c[0])])
+    best = min(candidates(net), key=lambda candidate: ms[label(*candidate)])
     timings = ", ".join(f"{name} {value:.2f}" for name, value in ms.items())
-    log(f"rule auto: {label(rule, store_phi, fused)} for the conv layers ({timings} ms per gradient of the "
-        f"network; {'measured now' if measured else 'timed earlier, ' + str(cache)})")
-    return uniform(net, rule, store_phi, fused), {"rule": rule, "store_phi": store_phi, "fused": fused, "ms": ms,
-                                                  "measured": measured}
+    log(f"rule auto: {label(*best)} for the conv layers ({timings} ms per gradient of the network; "
+        f"{'measured now' if measured else 'timed earlier, ' + str(cache)})")
+    rule, store_phi, fused = best
+    return uniform(net, *best), {"rule": rule, "store_phi": store_phi, "fused": fused, "ms": ms, "measured": measured}

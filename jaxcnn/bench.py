@@ -76,6 +76,20 @@ def count_flops(net: nw.Sequential, input_shape, batch: int) -> int:
     return total
 
 
+def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int) -> dict[str, float]:
+    """Median seconds of each ``name: (f, args)``, every one called once to warm up (compile), then all called in
+    turn ``rounds`` times, so that the machine's drift affects them alike."""
+    for f, args in functions.values():
+        jax.block_until_ready(f(*args))
+    seconds: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, (f, args) in functions.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(s)) for name, s in seconds.items()}
+
+
 def median_seconds(f: Callable, *args, repeats: int = 10) -> float:
     """Median seconds of ``f(*args)`` after one warm-up call (which compiles a jitted ``f``)."""
     jax.block_until_ready(f(*args))

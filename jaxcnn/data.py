@@ -74,9 +74,7 @@ class Dataset:
             if getattr(y, "shape", None) != (x.shape[0],) or not np.issubdtype(np.asarray(y).dtype, np.integer):
                 raise ValueError(f"{self.name}: y_{split} must be {x.shape[0]} integer labels (one per image), got "
                                  f"{getattr(y, 'dtype', type(y).__name__)} of shape {getattr(y, 'shape', None)}")
-            if len(y) and not (int(np.min(y)) >= 0 and int(np.max(y)) < self.classes):
-                raise ValueError(f"{self.name}: y_{split} must lie in [0, {self.classes}) (classes={self.classes}), "
-                                 f"got {int(np.min(y))}..{int(np.max(y))}")
+            _check_labels(f"{self.name}: y_{split}", y, self.classes)
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ValueError(f"{self.name}: train and test images differ in size: {self.x_train.shape[1:]} and "
                              f"{self.x_test.shape[1:]}")

@@ -316,7 +316,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
             checkpoint(_state(pos, params, opt_state, best_params, prep, cfg, net, steps))
 
     clock = None  # (time, steps done) once the first step (compilation included) has finished
-    done, beats = 0, []
+    done = beats = 0
 
     while pos.epoch <= cfg.epochs:
         epoch = pos.epoch
@@ -333,8 +333,9 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
                 corrects.append(aux["correct"])
                 parallel.pace(mesh, values)
                 pos.step += 1
-                if log_steps and ((epoch - 1) * steps + pos.step) % log_steps == 0:
-                    logged.append(((epoch - 1) * steps + pos.step, epoch, value, aux["grad_norms"]))
+                global_step = (epoch - 1) * steps + pos.step
+                if log_steps and global_step % log_steps == 0:
+                    logged.append((global_step, epoch, value, aux["grad_norms"]))
                 bar.update()
                 done += 1
                 if progress and (s % 20 == 0 or s == steps - 1):
@@ -344,13 +345,13 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
                     if clock is None:
                         jax.block_until_ready(value)
                         clock = (time.perf_counter(), done)
-                    elif time.perf_counter() - clock[0] >= every * (1 + len(beats)) and pos.step < steps:
+                    elif time.perf_counter() - clock[0] >= every * (1 + beats) and pos.step < steps:
                         loss = float(parallel.to_host(aux["loss"]))
                         rate = (done - clock[1]) / (time.perf_counter() - clock[0])
-                        beats.append(f"epoch {epoch}/{cfg.epochs}: step {pos.step}/{steps}, loss {loss:.4f}, "
-                                     f"{rate:.1f} steps/s, epoch done in ~{(steps - pos.step) / rate:.0f}s")
-                        heartbeat(beats[-1])
-                if checkpoint_every and pos.step < steps and ((epoch - 1) * steps + pos.step) % checkpoint_every == 0:
+                        heartbeat(f"epoch {epoch}/{cfg.epochs}: step {pos.step}/{steps}, loss {loss:.4f}, "
+                                  f"{rate:.1f} steps/s, epoch done in ~{(steps - pos.step) / rate:.0f}s")
+                        beats += 1
+                if checkpoint_every and pos.step < steps and global_step % checkpoint_every == 0:
                     sync(values, corrects)
                     save()
         sync(values, corrects)
@@ -669,8 +670,7 @@ def _resumed_rows(path: Path, resume_from: tuple | None) -> list[dict]:
 
     if resume_from is None or not path.is_file():
         return []
-    meta = resume_from[1]
-    done = (meta["position"]["epoch"] - 1) * meta["steps_per_epoch"] + meta["position"]["step"]
+    done = resume_from[1]["global_step"]
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return [row for row in rows if row.get("step", "").isdigit() and int(row["step"]) <= done]

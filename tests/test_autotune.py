@@ -14,7 +14,7 @@ def fake_timings(fastest):
 
     def time_network(net, input_shape, batch, dtype, repeats=5):
         calls.append((input_shape, batch))
-        names = [autotune.label(rule, store_phi, fused) for fused, rule, store_phi in autotune.candidates(net)]
+        names = [autotune.label(*candidate) for candidate in autotune.candidates(net)]
         return {name: (1 if name == fastest else 2 + i) / 1e3 for i, name in enumerate(names)}
 
     return time_network, calls

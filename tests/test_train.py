@@ -171,7 +171,7 @@ def test_fit_takes_a_users_arrays_and_optax_transform():
     for layer in initial:
         for name in initial[layer]:
             np.testing.assert_array_equal(result.params[layer][name], initial[layer][name])
-    with pytest.raises(ValueError, match=r"mine: y_train must lie in \[0, 2\) \(classes=2\), got 0..2"):
+    with pytest.raises(ValueError, match=r"mine: y_train: labels must lie in 0..1, got 0..2"):
         data.Dataset("mine", x, np.where(y > 0, 2, 0).astype(np.int32), x, y, classes=2)
     with pytest.raises(ValueError, match=r"mine: y_test must be 60 integer labels .* got float64"):
         data.Dataset("mine", x, y, x, y.astype(np.float64), classes=2)
