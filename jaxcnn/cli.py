@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.01 x training examples with --optimizer newton)")
     t.add_argument("--grad", choices=["hand", "autodiff", "tangent"],
                    help="gradient mode of every layer (default hand; tangent: JAX transposes the hand tangent rules)")
+    t.add_argument("--precision", choices=list(train.PRECISIONS),
+                   help="bf16: mixed precision, every layer's forward and hand backward in bfloat16 on float32 "
+                        "master params, the loss, gradients and optimizer in float32 (default fp32)")
     t.add_argument("--rule", choices=["im2col", "flip", "auto"],
                    help="hand rule of the convolutions (default: the backend's usually faster, im2col on CPU, flip "
                         "on GPU/TPU; auto: the fastest for this network, timed on this machine once and cached)")
@@ -139,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", help="results folder (default runs/<recipe>-<dataset>-<time>)")
     t.add_argument("--resume", action="store_true", default=None,
                    help="continue the unfinished run in --out from its newest intact checkpoint, with the recipe "
-                        "it was started with")
+                        "it was started with; with --epochs N (--iterations N for newton) larger than before, also "
+                        "a finished run, made N long")
     t.add_argument("--checkpoint-every", type=int, metavar="STEPS", default=0,
                    help="also save the training state every STEPS steps (it is always saved after each epoch)")
     t.add_argument("--keep-checkpoints", type=int, metavar="K", default=3, help="training states kept")
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-steps", type=int, default=10, metavar="K",
                    help="write every K-th step's objective, learning rate and gradient norms (global and per "
                         "layer) to metrics.csv; 0: none")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write the --log-steps rows and every epoch's metrics as TensorBoard event files in "
+                        "<out>/tensorboard/ (needs tensorboardX: pip install 'jaxcnn[tensorboard]')")
     t.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="without a terminal (a log file, a batch job), print a progress line this often within an "
                         "epoch: step, loss, speed, time left; 0: never")
@@ -263,14 +270,17 @@ def cmd_train(args) -> int:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")
         recipe_flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(train.TrainConfig)
-                        if getattr(args, f.name, None) is not None]
+                        if getattr(args, f.name, None) is not None and f.name not in ("epochs", "iterations")]
         recipe_flags += [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
                                                   ("--fuse", args.fuse)) if value]
         if recipe_flags:
-            raise ValueError(f"--resume continues a run with the recipe it was started with; drop "
-                             f"{', '.join(recipe_flags)}")
+            raise ValueError(f"--resume continues a run with the recipe it was started with (only --epochs, or "
+                             f"--iterations for newton, may make it longer); drop {', '.join(recipe_flags)}")
+        if args.epochs is not None and args.iterations is not None:
+            raise ValueError("--resume: pass --epochs (first-order optimizers) or --iterations (newton), not both")
         train.resume_run(args.out, progress=progress, devices=args.devices, log_every=log_every,
-                         log_steps=args.log_steps)
+                         log_steps=args.log_steps, extend_to=args.epochs or args.iterations,
+                         unit="epochs" if args.epochs is not None else "iterations", tensorboard=args.tensorboard)
         return 0
     for name in ("checkpoint_every", "keep_checkpoints"):
         if getattr(args, name) < (0 if name == "checkpoint_every" else 1):
@@ -279,7 +289,7 @@ def cmd_train(args) -> int:
     out = args.out or f"runs/{safe_name(name)}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     train.run(net, cfg, out, recipe=name, progress=progress, checkpoint_every=args.checkpoint_every,
               on_nan=args.on_nan, keep=args.keep_checkpoints, devices=args.devices, log_every=log_every,
-              log_steps=args.log_steps)
+              log_steps=args.log_steps, tensorboard=args.tensorboard)
     return 0
 
 
@@ -422,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     except train.NonFiniteError as err:
         print(f"jaxcnn {args.command}: stopped: {err}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as err:
         print(f"jaxcnn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,16 +37,28 @@ def smoothed(labels: jax.Array, classes: int, epsilon: float) -> jax.Array:
     return (1 - epsilon) * jax.nn.one_hot(labels, classes) + epsilon / classes
 
 
+def cast(tree, dtype):
+    """Every floating-point array of ``tree`` in ``dtype`` (None: unchanged). Its derivative casts the cotangent
+    back, so gradients with respect to float32 master params come back in float32 (mixed precision)."""
+    if dtype is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss: str = "ce",
-              C: float | None = None, grad: str = "hand", rule: str | None = None, label_smoothing: float = 0.0):
+              C: float | None = None, grad: str = "hand", rule: str | None = None, label_smoothing: float = 0.0,
+              compute_dtype=None):
     """f(theta) on a batch (Lin eq. 1-2). Returns ``(f, aux)`` with ``aux = {"loss": the batch-mean data term,
     "correct": number of correctly classified examples, "finite": whether each layer's output is free of NaN and
     Inf}`` (for ``jax.value_and_grad(..., has_aux=True)``). ``label_smoothing`` epsilon > 0 trains on the targets
-    of ``smoothed``."""
+    of ``smoothed``. ``compute_dtype`` (e.g. bfloat16): the layers' forward and hand backward run in it on casts
+    of ``params`` and ``x``, while the loss (the loss ops evaluate in float32), the regulariser and the gradients
+    stay in the params' dtype (mixed precision)."""
     check(loss, C)
-    outputs = net.outputs(params, x, grad=grad, rule=rule)
+    outputs = net.outputs(cast(params, compute_dtype), cast(x, compute_dtype), grad=grad, rule=rule)
     logits = outputs[-1]
-    targets = smoothed(labels, logits.shape[-1], label_smoothing).astype(logits.dtype) if label_smoothing else labels
+    targets = (smoothed(labels, logits.shape[-1], label_smoothing).astype(jnp.promote_types(logits.dtype, jnp.float32))
+               if label_smoothing else labels)
     data_term = LOSSES[loss](logits, targets, grad=grad)
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
     finite = jnp.stack([jnp.all(jnp.isfinite(o)) for o in outputs])

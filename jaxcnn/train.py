@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from jaxcnn import augment as augmentation
 from jaxcnn import data as datasets
 from jaxcnn import objective as obj
 from jaxcnn import parallel
+from jaxcnn import tensorboard as tb
 from jaxcnn._io import atomic_path, atomic_write, strict_json
 from jaxcnn.checkpoint import list_states, newest_state, save_model, save_state
 from jaxcnn.network import Conv, Sequential, describe
@@ -39,6 +41,7 @@ from jaxcnn.ops.conv import resolve as resolve_rule
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "newton")
 SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}  # the layers' compute dtype; params, loss and optimizer: float32
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # epsilon: train on (1 - epsilon) onehot + epsilon / K (objective.smoothed)
     augment: str = ""  # "crop", "flip", "crop,flip" or "standard" (jaxcnn.augment), in the step, on the device
     crop_padding: int | None = None  # zeros around the image for random crops (None: an eighth of its side)
+    precision: str = "fp32"  # "bf16": mixed precision, the layers in bfloat16 (PRECISIONS, objective.objective)
     loss: str = "ce"
     C: float | None = None
     grad: str = "hand"
@@ -74,6 +78,11 @@ class TrainConfig:
     damping: float = 1.0  # Levenberg-Marquardt's lambda at the start
 
     @property
+    def compute_dtype(self):
+        """The dtype the layers compute in (None: the params', float32)."""
+        return PRECISIONS[self.precision]
+
+    @property
     def op_rule(self) -> str | None:
         """The ``rule`` the ops are called with: "auto" is settled per layer before training (``tuned``), and
         the layers it did not reach take the backend's default."""
@@ -85,6 +94,7 @@ class TrainConfig:
         _args.choice("train", "optimizer", self.optimizer, OPTIMIZERS)
         _args.choice("train", "schedule", self.schedule, SCHEDULES)
         _args.choice("train", "grad", self.grad, _args.GRAD_MODES)
+        _args.choice("train", "precision", self.precision, tuple(PRECISIONS))
         if self.rule is not None:
             _args.choice("train", "rule", self.rule, (*_args.CONV_RULES, "auto"))
         obj.check(self.loss, self.C)
@@ -111,9 +121,10 @@ class TrainConfig:
                 or not 0 <= self.label_smoothing < 1):
             raise ValueError(f"train: label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.optimizer == "newton" and (self.warmup or self.clip_norm is not None or self.augment
-                                           or self.label_smoothing):
-            raise ValueError("train: warmup, clip_norm, augment and label_smoothing apply to the first-order "
-                             "optimizers, not newton (its step comes from a line search on Lin's objective)")
+                                           or self.label_smoothing or self.precision != "fp32"):
+            raise ValueError("train: warmup, clip_norm, augment, label_smoothing and precision apply to the "
+                             "first-order optimizers, not newton (its step comes from a line search on Lin's "
+                             "objective, and CG needs float32 products)")
         if not isinstance(self.augment, str):
             raise ValueError(f"train: augment must be a string such as 'crop,flip', got {self.augment!r}")
         augmentation.parse(self.augment, self.dataset)
@@ -258,8 +269,9 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     layer whose output went non-finite (no checkpoint is written after it); ``on_nan="skip"`` skips such steps
     and counts them. ``heartbeat``, if given, receives a progress line (step, loss, speed, time left in the
     epoch) every ``every`` seconds within an epoch, for logs without a terminal; the speed leaves the first step,
-    which compiles, out. ``optimizer``: an optax transformation of the caller's, used instead of the recipe's
-    (``make_optimizer``; the recipe's lr, schedule, warmup, weight decay and clipping are then unused).
+    which compiles, and the time spent evaluating and writing checkpoints out. ``optimizer``: an optax
+    transformation of the caller's, used instead of the recipe's (``make_optimizer``; the recipe's lr, schedule,
+    warmup, weight decay and clipping are then unused).
     ``on_steps(rows)``, with ``log_steps`` k > 0: every k-th step's objective, learning rate, global gradient norm
     and each layer's (``grad_norm/<layer>``) as rows of a table, handed over whenever results reach the host.
     """
@@ -318,6 +330,9 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     clock = None  # (time, steps done) once the first step (compilation included) has finished
     done = beats = 0
 
+    def resumed(clock, paused):  # the speed counts the steps' time only, not evaluation or checkpoints
+        return None if clock is None else (clock[0] + time.perf_counter() - paused, clock[1])
+
     while pos.epoch <= cfg.epochs:
         epoch = pos.epoch
         start = time.perf_counter()
@@ -352,8 +367,11 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
                                   f"{rate:.1f} steps/s, epoch done in ~{(steps - pos.step) / rate:.0f}s")
                         beats += 1
                 if checkpoint_every and pos.step < steps and global_step % checkpoint_every == 0:
+                    paused = time.perf_counter()
                     sync(values, corrects)
                     save()
+                    clock = resumed(clock, paused)
+        paused = time.perf_counter()
         sync(values, corrects)
         epoch_values = np.asarray(pos.values)
         finite = np.isfinite(epoch_values)
@@ -375,6 +393,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
         save()
         if on_epoch is not None:
             on_epoch(record, best_params, improved)
+        clock = resumed(clock, paused)
     result = FitResult(best_params, pos.best_epoch, pos.history, np.asarray(pos.step_losses), skipped=pos.skipped)
     result.test = evaluate(best_params, prep.x_test, prep.y_test)
     return result
@@ -412,7 +431,7 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
             x = augmentation.augment(x, key, index, kinds, padding)
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
             params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule,
-            label_smoothing=cfg.label_smoothing)
+            label_smoothing=cfg.label_smoothing, compute_dtype=cfg.compute_dtype)
         # The mean over devices of the shard means is the whole batch's objective and gradient.
         value, grads, aux = parallel.combine(mesh, value, grads, aux)
         layer_norms = [optax.tree.norm(grads[name]) for name in sorted(grads)]  # for metrics.csv
@@ -496,8 +515,9 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
     size = -(-max(1, min(max_batch, largest)) // mesh.size) * mesh.size
 
     def local(params, x, y, mask):
-        logits = net.apply(params, x, grad=cfg.grad, rule=cfg.op_rule)
-        losses = obj.per_example_loss(logits, y, cfg.loss)
+        logits = net.apply(obj.cast(params, cfg.compute_dtype), obj.cast(x, cfg.compute_dtype), grad=cfg.grad,
+                           rule=cfg.op_rule)
+        losses = obj.per_example_loss(logits, y, cfg.loss)  # float32 at least (the loss ops)
         correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) * mask)
         total = lax.psum(jnp.stack([jnp.sum(losses * mask), correct.astype(losses.dtype)]), parallel.AXIS)
         return total[0], total[1]  # one collective per program (see parallel.combine)
@@ -526,7 +546,7 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
 def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, progress: bool = True,
         log: Callable[[str], None] = print, checkpoint_every: int = 0, on_nan: str = "stop", keep: int = 3,
         resume_from: tuple | None = None, devices: int | None = None, log_every: float | None = None,
-        log_steps: int = 0) -> dict:
+        log_steps: int = 0, tensorboard: bool = False) -> dict:
     """Load the data, train, and write to ``out``: metrics.jsonl, model.safetensors (best params), training states
     in checkpoints/ (every epoch and every ``checkpoint_every`` steps, the newest ``keep``), then summary.json
     and curves.png. With several processes, all train and process 0 alone logs and writes.
@@ -536,6 +556,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     ``"complete": true`` once every file is written: that is the last write. ``log_every`` seconds: also log a
     progress line that often within an epoch (``fit``'s ``heartbeat``), for logs without a terminal.
     ``log_steps`` k > 0: ``metrics.csv`` gets every k-th step's objective, learning rate and gradient norms.
+    ``tensorboard``: the same step rows and every epoch's metrics also as TensorBoard event files in
+    ``out/tensorboard/`` (``jaxcnn.tensorboard``; needs tensorboardX).
     """
     out = Path(out)
     main = parallel.is_main()
@@ -546,6 +568,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     if resume_from is None and started:
         raise FileExistsError(f"{out} already holds a run; choose another --out, or pass --resume to continue "
                               f"an unfinished one")
+    if tensorboard:
+        tb.require()
     if main:
         remove_stale_temporaries(out)
     begin = time.perf_counter()
@@ -560,7 +584,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     rule = "auto" if cfg.rule == "auto" else resolve_rule("train", cfg.rule, None)[0]
     log(f"{recipe} on {prep.name}: {len(prep.x_fit)} training, {len(prep.x_val)} validation, "
         f"{len(prep.x_test)} test images {'x'.join(map(str, prep.input_shape))}; "
-        f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={rule}; "
+        f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={rule}, precision={cfg.precision}; "
         f"{mesh.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
     if cfg.optimizer == "newton":
         from jaxcnn.newton import objective_c, store_plan
@@ -580,6 +604,13 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     steps_per_epoch = len(prep.x_fit) // cfg.batch_size
     idle: list[int] = []  # epochs whose every step was skipped (--on-nan skip): nothing trained in them
 
+    epoch_end = (lambda epoch: epoch) if cfg.optimizer == "newton" else (lambda epoch: epoch * steps_per_epoch)
+    board = None
+    if tensorboard and main:
+        board = tb.Board(out / "tensorboard", resume_from and resume_from[1]["global_step"])
+        if resume_from and history and epoch_end(history[-1]["epoch"]) == resume_from[1]["global_step"]:
+            board.epoch(history[-1], epoch_end(history[-1]["epoch"]))  # a kill may have come before it was logged
+
     def on_epoch(record, best_params, improved):
         before = history[-1].get("skipped_steps", 0) if history else 0
         history.append(record)
@@ -587,6 +618,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
             idle.append(record["epoch"])
         if not main:
             return
+        if board is not None:
+            board.epoch(record, epoch_end(record["epoch"]))
         atomic_write(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
         if improved:
             save_model(out / "model.safetensors", net, best_params, prep.mean, {**meta, "epoch": record["epoch"]})
@@ -611,6 +644,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
         step_rows.extend(rows)
         if main:
             atomic_write(out / "metrics.csv", _csv(step_rows))
+        if board is not None:
+            board.steps(rows)
 
     def checkpoint(state):
         if not main:
@@ -620,11 +655,15 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                    {**state_meta, "recipe": recipe, "checkpoint_every": checkpoint_every, "on_nan": on_nan,
                     "keep": keep}, keep=keep)
 
-    result = fit(net, prep, cfg, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint,
-                 checkpoint_every=checkpoint_every, on_nan=on_nan,
-                 resume=resume_from and (resume_from[0], resume_from[1]), devices=devices,
-                 heartbeat=log if log_every else None, every=log_every or 0.0, on_steps=on_steps,
-                 log_steps=log_steps if cfg.optimizer != "newton" else 0)
+    try:
+        result = fit(net, prep, cfg, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint,
+                     checkpoint_every=checkpoint_every, on_nan=on_nan,
+                     resume=resume_from and (resume_from[0], resume_from[1]), devices=devices,
+                     heartbeat=log if log_every else None, every=log_every or 0.0, on_steps=on_steps,
+                     log_steps=log_steps if cfg.optimizer != "newton" else 0)
+    finally:
+        if board is not None:
+            board.close()
     seconds = time.perf_counter() - begin
     summary = {"test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"], "epochs": cfg.epochs,
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": rule,
@@ -717,20 +756,43 @@ def remove_stale_temporaries(out: Path) -> None:
                     stale.unlink(missing_ok=True)
 
 
+def length_key(train_config: dict) -> str:
+    """The field of a training config that says how long the run is: epochs, or iterations for newton."""
+    return "iterations" if train_config.get("optimizer") == "newton" else "epochs"
+
+
 def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
-               devices: int | None = None, log_every: float | None = None, log_steps: int = 0) -> dict:
+               devices: int | None = None, log_every: float | None = None, log_steps: int = 0,
+               extend_to: int | None = None, unit: str | None = None, tensorboard: bool = False) -> dict:
     """Continue the run in ``out`` from its newest intact training state, with the recipe, network and options
-    it was started with. A damaged newest state is reported and the one before it used."""
+    it was started with. A damaged newest state is reported and the one before it used.
+
+    ``extend_to`` N: make the run N epochs long (N iterations with the newton optimizer; ``unit``, if given, says
+    which the caller means), more than it was started with, whether it finished or stopped. A finished run's
+    summary.json is kept as ``summary-epoch-<M>.json`` (M: the length it had) and run.json lists the extension.
+    With a constant learning rate the extended run is the run that N epochs from the start would have been; a cosine
+    or step schedule is stretched to the new length, so the learning rate from the next step on differs from the old
+    schedule's.
+    """
     out = Path(out)
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
+    if extend_to is not None:
+        if manifest is None:  # a run from before run.json existed
+            raise ValueError(f"{out}: no {MANIFEST}, so the run's length cannot be changed; resume it as it was")
+        manifest = _extend(out, manifest, extend_to, unit, log)
     if (out / "summary.json").is_file():
         if manifest is None or not manifest.get("complete"):  # killed between summary.json and the last write
             remove_stale_temporaries(out)
             complete(out, [])
             log(f"{out}: training had finished; wrote what the run lacked (curves.png) and marked it complete")
         else:
-            log(f"{out} holds a finished run ({MANIFEST} says complete): nothing to resume")
+            length = length_key(manifest["train"])
+            log(f"{out} holds a finished run ({MANIFEST} says complete): nothing to resume; to train it longer, "
+                f"pass --{length} larger than {manifest['train'][length]}")
         return json.loads((out / "summary.json").read_text())
+
+    def same_run(train_config: dict) -> dict:  # an extended run's states before the extension have the old length
+        return {k: v for k, v in train_config.items() if k != length_key(train_config)}
 
     def belongs(meta: dict) -> str | None:
         missing = [key for key in STATE_KEYS if key not in meta]
@@ -738,8 +800,9 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
             return f"its metadata lacks {', '.join(missing)} (not a state written by `jaxcnn train`)"
         if manifest is None:
             return None
-        theirs = identity(meta.get("recipe"), meta.get("dataset"), meta.get("network"), meta.get("train"))
-        differ = [key for key in theirs if theirs[key] != manifest.get(key)]
+        theirs = identity(meta.get("recipe"), meta.get("dataset"), meta.get("network"), same_run(meta.get("train")))
+        ours = {**manifest, "train": same_run(manifest.get("train", {}))}
+        differ = [key for key in theirs if theirs[key] != ours.get(key)]
         return f"its {' and '.join(differ)} differ from {MANIFEST}'s: it is not of this run" if differ else None
 
     found = newest_state(out / "checkpoints", report=log, reject=belongs)
@@ -747,7 +810,8 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
         raise FileNotFoundError(f"{out / 'checkpoints'}: no training state of this run to resume from (a run "
                                 f"writes one at the end of every epoch, and every --checkpoint-every steps)")
     arrays, meta, path = found
-    cfg = TrainConfig(**meta["train"])
+    length = length_key(meta["train"])
+    cfg = TrainConfig(**{**meta["train"], length: (manifest or meta)["train"][length]})
     net = Sequential.from_config(meta["network"], source=str(path))
     position = meta["position"]
     if cfg.optimizer == "newton":
@@ -757,7 +821,39 @@ def resume_run(out: str | Path, *, progress: bool = True, log: Callable[[str], N
             f"{meta['steps_per_epoch']} steps done")
     return run(net, cfg, out, recipe=meta["recipe"], progress=progress, log=log,
                checkpoint_every=meta["checkpoint_every"], on_nan=meta["on_nan"], keep=meta["keep"],
-               resume_from=(arrays, meta), devices=devices, log_every=log_every, log_steps=log_steps)
+               resume_from=(arrays, meta), devices=devices, log_every=log_every, log_steps=log_steps,
+               tensorboard=tensorboard)
+
+
+def _extend(out: Path, manifest: dict, extend_to: int, unit: str | None, log: Callable[[str], None]) -> dict:
+    """Record in run.json that the run in ``out`` is now ``extend_to`` epochs (or iterations) long; a finished
+    run's summary.json is renamed first (so that a kill in between leaves a run to resume, not a finished one)."""
+    length = length_key(manifest["train"])
+    before = manifest["train"][length]
+    if unit not in (None, length):
+        raise ValueError(f"--{unit}: {out} is a run of the {manifest['train']['optimizer']} optimizer, whose length "
+                         f"is in {length}: pass --{length}")
+    if isinstance(extend_to, bool) or not isinstance(extend_to, int) or extend_to < before:
+        raise ValueError(f"--{length} {extend_to}: {out} is a run of {before} {length}; --resume can make it longer "
+                         f"(--{length} > {before}), not shorter")
+    if extend_to == before:
+        return manifest
+    if (out / "summary.json").is_file():
+        if not manifest.get("complete"):
+            complete(out, [])  # finish what the run lacked before changing it
+        kept = out / f"summary-{'iteration' if length == 'iterations' else 'epoch'}-{before}.json"
+        os.replace(out / "summary.json", kept)
+        log(f"extending the finished run in {out} from {before} to {extend_to} {length} (its summary kept as "
+            f"{kept.name})")
+    else:
+        log(f"extending the run in {out} from {before} to {extend_to} {length}")
+    if manifest["train"].get("schedule", "constant") != "constant":
+        log(f"note: the {manifest['train']['schedule']} learning-rate schedule now spans {extend_to} {length}: "
+            f"from the next step on the learning rate follows it, not the schedule the run started with")
+    manifest = {**manifest, "train": {**manifest["train"], length: extend_to}, "complete": False,
+                "extended": [*manifest.get("extended", []), {"from": before, "to": extend_to}]}
+    atomic_write(out / MANIFEST, strict_json(manifest, indent=2) + "\n")
+    return manifest
 
 
 def plot_curves(history: list[dict], path: Path, title: str, best: int | None = None,

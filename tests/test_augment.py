@@ -22,7 +22,7 @@ def test_standard_means_crop_and_flip_except_for_digits():
     with pytest.raises(ValueError, match="augment must be 'standard' or a comma-separated list of crop, flip, got "
                                          "'rotate'"):
         train.TrainConfig(augment="rotate")
-    with pytest.raises(ValueError, match="augment and label_smoothing apply to the first-order optimizers"):
+    with pytest.raises(ValueError, match="augment, label_smoothing and precision apply to the first-order"):
         train.TrainConfig(optimizer="newton", augment="crop")
 
 

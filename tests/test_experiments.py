@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "newton_sensitivity": ["newton_sensitivity.md", "newton_sensitivity.png"],
     "gauss_newton_cost": ["gauss_newton_cost.md"],
     "newton_mnist": ["newton_mnist.md", "newton_mnist.png"],
+    "mixed_precision": ["mixed_precision.md"],
 }
 
 

@@ -69,8 +69,8 @@ def test_evaluator_pads_batches_without_changing_results():
     (dict(clip_norm=0.0), "clip_norm must be a finite number > 0"),
     (dict(optimizer="adamw", weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
     (dict(weight_decay=0.1), "weight_decay is AdamW's decoupled decay .* not adam's; for an L2 term"),
-    (dict(optimizer="newton", warmup=10), "warmup, clip_norm, augment and label_smoothing apply to the "
-                                          "first-order"),
+    (dict(optimizer="newton", warmup=10), "warmup, clip_norm, augment, label_smoothing and precision apply to "
+                                          "the first-order"),
     (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1.0"),
     (dict(dataset="imagenet"), "dataset must be one of digits, mnist"),
     (dict(epochs=0), "epochs must be a positive int"),
@@ -206,3 +206,30 @@ def test_metrics_csv_holds_every_kth_step_and_survives_a_resume(tmp_path, monkey
         f.write("45,2,9.9,0.001,1.0,1.0,0.0,0.0\n")
     train.resume_run(tmp_path / "b", progress=False, log=lambda s: None, log_steps=5)
     assert (tmp_path / "b" / "metrics.csv").read_bytes() == (tmp_path / "a" / "metrics.csv").read_bytes()
+
+
+def test_progress_lines_leave_evaluation_out_of_the_speed(monkeypatch):
+    """The speed (and so the time left) of the progress lines counts the steps' time only: an evaluation that
+    takes 1 s between epochs does not make epoch 2 look slower."""
+    import re
+    import time
+
+    real = train.make_evaluator
+
+    def slow_evaluator(*args, **kwargs):
+        evaluate = real(*args, **kwargs)
+
+        def slow(*a):
+            time.sleep(1.0)
+            return evaluate(*a)
+
+        return slow
+
+    monkeypatch.setattr(train, "make_evaluator", slow_evaluator)
+    cfg = train.TrainConfig(epochs=2)
+    lines = []
+    train.fit(jc.preset("digits-cnn"), train.prepare(DIGITS, cfg), cfg, heartbeat=lines.append, every=0.0)
+    rates = {epoch: [float(re.search(r"([\d.]+) steps/s", line).group(1)) for line in lines
+                     if line.startswith(f"epoch {epoch}/2")] for epoch in (1, 2)}
+    # 37 steps take well under 1 s here: counted, the evaluation would cut epoch 2's speed several times over
+    assert min(rates[2]) > 0.5 * rates[1][-1], (rates[1][-5:], rates[2][:5])
