@@ -196,7 +196,7 @@ def check_op(op: Callable, args: tuple, names: tuple[str, ...], *, dtype=jnp.flo
         kinks = {}
         if op is ops.max_pool2d:
             kinks[op.__name__] = {"tied_windows": _ties(_pool_window(args[0], **kwargs), args[0])}
-        elif op is ops.relu:
+        elif op in (ops.relu, ops.leaky_relu, ops.elu):  # elu: a kink at 0 unless alpha = 1
             kinks[op.__name__] = _relu_kinks(args[0])
         elif op is ops.conv_relu_pool:
             kinks[op.__name__] = _block_kinks(*args, **kwargs)
@@ -306,7 +306,7 @@ def _count_kinks(net: nw.Sequential, params: dict, x: jax.Array) -> dict:
         key = f"layer {i} ({nw.describe(layer)})"
         if isinstance(layer, nw.ConvReLUPool):
             kinks[key] = _block_kinks(x, p["w"], p.get("b"), **_block_geometry(layer))
-        elif isinstance(layer, nw.ReLU):
+        elif isinstance(layer, (nw.ReLU, nw.LeakyReLU, nw.ELU)):  # a kink at S = 0 (ELU's unless alpha = 1)
             kinks[key] = _relu_kinks(x)
         elif type(layer) is nw.MaxPool:
             kinks[key] = {"tied_windows": _ties(layer.geometry(x.shape[1:]), x)}

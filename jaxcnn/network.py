@@ -178,14 +178,22 @@ class AvgPool(MaxPool):
 
 @dataclass(frozen=True)
 class _Activation(Layer):
-    grad: str | None = None
+    """A parameter-free layer that is one op, ``op(x, **settings, grad=...)``; its tangent rule is
+    ``ops.JVP[op]((x,), (dx,), **settings)``. The settings are the fields other than ``grad``, which is
+    keyword-only so that a subclass's first setting comes first (``LeakyReLU(0.1)``)."""
+
+    grad: str | None = field(default=None, kw_only=True)
     op: ClassVar[Any]
 
     def __post_init__(self):
         _check_mode(self.type, self.grad)
+        jax.eval_shape(lambda x: type(self).op(x, **self.settings()), jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32))
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "grad"}
 
     def apply(self, params, x, *, grad, rule):
-        return type(self).op(x, grad=self.grad or grad)
+        return type(self).op(x, **self.settings(), grad=self.grad or grad)
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,50 @@ class Sigmoid(_Activation):
 class Tanh(_Activation):
     type: ClassVar[str] = "tanh"
     op: ClassVar[Any] = staticmethod(ops.tanh)
+
+
+@dataclass(frozen=True)
+class LeakyReLU(_Activation):
+    """``jc.leaky_relu``: S for S > 0, ``negative_slope`` S otherwise."""
+
+    negative_slope: float = 0.01
+    type: ClassVar[str] = "leaky_relu"
+    op: ClassVar[Any] = staticmethod(ops.leaky_relu)
+
+
+@dataclass(frozen=True)
+class ELU(_Activation):
+    """``jc.elu``: S for S > 0, ``alpha`` (e^S - 1) otherwise."""
+
+    alpha: float = 1.0
+    type: ClassVar[str] = "elu"
+    op: ClassVar[Any] = staticmethod(ops.elu)
+
+
+@dataclass(frozen=True)
+class GELU(_Activation):
+    """``jc.gelu``: S Phi(S), by the tanh approximation (``approximate``) or exactly."""
+
+    approximate: bool = True
+    type: ClassVar[str] = "gelu"
+    op: ClassVar[Any] = staticmethod(ops.gelu)
+
+
+@dataclass(frozen=True)
+class Softmax(_Activation):
+    """``jc.softmax`` over the last axis, as a layer (for a network that outputs probabilities; train on the
+    logits before it with ``softmax_cross_entropy``)."""
+
+    type: ClassVar[str] = "softmax"
+    op: ClassVar[Any] = staticmethod(ops.softmax)
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool(_Activation):
+    """``jc.global_avg_pool``: [N, H, W, C] -> [N, C], each channel's mean; a classifier head without Flatten."""
+
+    type: ClassVar[str] = "global_avg_pool"
+    op: ClassVar[Any] = staticmethod(ops.global_avg_pool)
 
 
 @dataclass(frozen=True)
@@ -282,7 +334,8 @@ class Custom(Layer):
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {
-    cls.type: cls for cls in (Conv, ConvReLUPool, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, Flatten, Dense)
+    cls.type: cls for cls in (Conv, ConvReLUPool, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, LeakyReLU, ELU, GELU,
+                              Softmax, GlobalAvgPool, Flatten, Dense)
 }
 
 

@@ -85,7 +85,7 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
     if isinstance(layer, nw.MaxPool):  # AvgPool too
         rule_of = ops.avg_pool2d_jvp if isinstance(layer, nw.AvgPool) else ops.max_pool2d_jvp
         return rule_of((x,), (dx,), layer.window, layer.stride, layer.padding)
-    return ops.JVP[type(layer).op]((x,), (dx,))  # activations
+    return ops.JVP[type(layer).op]((x,), (dx,), **layer.settings())  # activations, global pooling, softmax
 
 
 def jvp(net: nw.Sequential, params: dict, x: jax.Array, v: dict, *, grad: str = "hand",

@@ -238,3 +238,50 @@ def _avg_hand_bwd(win, in_hw, _, delta):
 
 
 _avg_hand.defvjp(_avg_hand_fwd, _avg_hand_bwd)
+
+
+def _global_avg_forward(x: jax.Array) -> jax.Array:
+    return jnp.mean(x, axis=(1, 2))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _global_avg_hand(x, hw):
+    return _global_avg_forward(x)
+
+
+def _global_avg_fwd(x, hw):
+    return _global_avg_forward(x), None
+
+
+def _global_avg_bwd(hw, _, delta):
+    (h, w), (n, c) = hw, delta.shape
+    return (jnp.broadcast_to((delta / (h * w))[:, None, None, :], (n, h, w, c)),)
+
+
+_global_avg_hand.defvjp(_global_avg_fwd, _global_avg_bwd)
+
+
+def global_avg_pool(x: jax.Array, *, grad: str = "hand") -> jax.Array:
+    """Global average pooling [N, H, W, C] -> [N, C]: each channel's mean over the whole image, so a classifier
+    head needs no Flatten (and takes any image size). It is ``avg_pool2d`` with one H x W window: z_c =
+    (1 / HW) sum_{ij} x_ijc, so dz_c / dx_ijc = 1 / HW and the hand backward spreads each Delta_c evenly,
+    Delta_c / HW, over its channel (A_AvgPool^T of DD2424 with K = HW). It stores nothing but the input's shape.
+
+    Args:
+      x: [N, H, W, C], floating point.
+      grad: "hand", "autodiff" or "tangent" (the hand tangent rule, for forward mode).
+    """
+    x = _args.array("global_avg_pool", "x", x, rank=4, layout="[N, H, W, C]")
+    _args.choice("global_avg_pool", "grad", grad, _args.GRAD_MODES)
+    if grad == "tangent":
+        return _tangent.call(global_avg_pool_jvp, (x,))
+    return _global_avg_forward(x) if grad == "autodiff" else _global_avg_hand(x, x.shape[1:3])
+
+
+def global_avg_pool_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    """The hand tangent rule of ``global_avg_pool``: ``(z, mean of dx over H and W)`` (the op is linear)."""
+    (x,), (dx,) = _args.jvp_pairs("global_avg_pool_jvp", primals, tangents, ("x",))
+    x = _args.array("global_avg_pool_jvp", "x", x, rank=4, layout="[N, H, W, C]")
+    (dx,) = _args.tangents_match("global_avg_pool_jvp", ("x",), (x,), (dx,))
+    z = _global_avg_forward(x)
+    return z, jnp.zeros_like(z) if dx is None else _global_avg_forward(dx)

@@ -87,7 +87,8 @@ def test_pooling(op, case):
     fails(error, f"{op.__name__}: {match}", lambda x: op(x, **options), x)
 
 
-@pytest.mark.parametrize("op", [jc.relu, jc.sigmoid, jc.tanh], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("op", [jc.relu, jc.sigmoid, jc.tanh, jc.leaky_relu, jc.elu, jc.gelu, jc.softmax],
+                         ids=lambda f: f.__name__)
 def test_activations(op):
     fails(TypeError, rf"{op.__name__}: x must have a floating-point dtype", op,
           jax.ShapeDtypeStruct((3,), jnp.int32))
