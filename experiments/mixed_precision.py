@@ -37,7 +37,8 @@ def step_seconds(net, cfg: train.TrainConfig, shape, rounds: int) -> dict[str, f
             c = dataclasses.replace(cfg, grad=grad, precision=precision)
             tx = train.make_optimizer(c, 100)
             params = net.init(jax.random.key(0), shape)
-            state = parallel.replicate(mesh, (params, tx.init(params), train._guard(net, params)))
+            state = parallel.replicate(mesh, (params, tx.init(params), net.init_state(shape),
+                                              train._guard(net, params)))
             step = train.make_step(net, tx, c, mesh)
             functions[f"{grad}, {precision}"] = (lambda s, x, y, step=step: step(*copy(s), x, y), (state, xb, yb))
     return bench.round_robin(functions, rounds)

@@ -36,20 +36,20 @@ def step_times(preset: str, batch: int, devices: int, steps: int) -> tuple[float
     mesh = parallel.make_mesh(devices)
     tx = train.make_optimizer(cfg, 100)
     params = net.init(jax.random.key(0), shape)
-    state = parallel.replicate(mesh, (params, tx.init(params), train._guard(net, params)))
+    state = parallel.replicate(mesh, (params, tx.init(params), net.init_state(shape), train._guard(net, params)))
     rng = np.random.default_rng(0)
     x = rng.random((batch, *shape), np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
     xb, yb = parallel.global_batch(mesh, np.arange(batch), x, y)
     step = train.make_step(net, tx, cfg, mesh)
     start = time.perf_counter()
-    state = step(*state, xb, yb)[:3]
+    state = step(*state, xb, yb)[:4]
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state = step(*state, xb, yb)[:3]
+        state = step(*state, xb, yb)[:4]
         jax.block_until_ready(state)
         times.append(time.perf_counter() - start)
     return compile_s, float(np.median(times))

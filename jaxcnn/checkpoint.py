@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -46,11 +46,14 @@ class SavedModel:
     params: dict
     mean: np.ndarray
     meta: dict
+    state: dict = field(default_factory=dict)  # batch norm's running averages; {} for a network without
 
 
-def save_model(path: str | os.PathLike, network: Sequential, params: dict, mean: np.ndarray, meta: dict) -> None:
-    """Write ``params`` (a dict of dicts of arrays), the mean image and ``meta`` to ``path`` atomically."""
-    tensors = {**_flatten("params", params), "preprocess/mean": np.asarray(mean)}
+def save_model(path: str | os.PathLike, network: Sequential, params: dict, mean: np.ndarray, meta: dict,
+               state: dict | None = None) -> None:
+    """Write ``params`` (a dict of dicts of arrays), the network's ``state`` (batch norm's running averages), the
+    mean image and ``meta`` to ``path`` atomically."""
+    tensors = {**_flatten("params", params), **_flatten("state", state or {}), "preprocess/mean": np.asarray(mean)}
     _write(path, tensors, {"format": MODEL_FORMAT, "network": network.to_config(), **meta})
 
 
@@ -63,7 +66,7 @@ def load_model(path: str | os.PathLike, *, states: bool = False) -> SavedModel:
         path = path / "model.safetensors"
     tensors, header = _read(path, (MODEL_FORMAT, STATE_FORMAT) if states else MODEL_FORMAT)
     if header.pop("format") == STATE_FORMAT:
-        tensors = {k: v for k, v in tensors.items() if k.startswith(("params/", "preprocess/"))}
+        tensors = {k: v for k, v in tensors.items() if k.startswith(("params/", "state/", "preprocess/"))}
         header = {**header, "epoch": (header.get("position") or {}).get("epoch")}
         if "preprocess/mean" in tensors:  # the mean image has the input's shape
             header["input_shape"] = list(tensors["preprocess/mean"].shape)
@@ -73,16 +76,19 @@ def load_model(path: str | os.PathLike, *, states: bool = False) -> SavedModel:
         raise CheckpointError(f"{path}: not a jaxcnn model: it lacks {' and '.join(lacks)}")
     network = Sequential.from_config(header.pop("network"), source=str(path))
     params = _unflatten("params", tensors)
+    state = _unflatten("state", tensors) if any(k.startswith("state/") for k in tensors) else {}
     if "input_shape" in header:
-        _check_params(path, network, params, tuple(header["input_shape"]))
-    return SavedModel(network, params, tensors["preprocess/mean"], header)
+        _check_params(path, network, params, state, tuple(header["input_shape"]))
+    return SavedModel(network, params, tensors["preprocess/mean"], header, state)
 
 
-def _check_params(path: Path, network: Sequential, params: dict, input_shape: tuple) -> None:
-    """The saved params must be exactly the network's: the same layers, names and shapes."""
-    expected = jax.eval_shape(lambda: network.init(jax.random.key(0), input_shape))
-    want = {f"params/{layer}/{name}": tuple(a.shape) for layer, group in expected.items() for name, a in group.items()}
-    have = {k: tuple(v.shape) for k, v in _flatten("params", params).items()}
+def _check_params(path: Path, network: Sequential, params: dict, state: dict, input_shape: tuple) -> None:
+    """The saved params (and state) must be exactly the network's: the same layers, names and shapes."""
+    expected = jax.eval_shape(lambda: (network.init(jax.random.key(0), input_shape),
+                                       network.init_state(input_shape)))
+    want = {key: tuple(a.shape) for kind, tree in zip(("params", "state"), expected)
+            for key, a in _flatten(kind, tree, leaf=lambda a: a).items()}
+    have = {k: tuple(v.shape) for k, v in {**_flatten("params", params), **_flatten("state", state)}.items()}
     missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
     wrong = [f"{k} is {have[k]}, expected {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
     if missing or extra or wrong:
@@ -149,14 +155,14 @@ def newest_state(folder: str | os.PathLike, report: Callable[[str], None] = prin
     return None
 
 
-def _flatten(group: str, values: dict) -> dict[str, np.ndarray]:
-    """{"conv1": {"w": a}} -> {"group/conv1/w": a}; nesting of any depth, keys without "/"."""
+def _flatten(group: str, values: dict, leaf=lambda a: np.asarray(jax.device_get(a))) -> dict:
+    """{"conv1": {"w": a}} -> {"group/conv1/w": leaf(a)}; nesting of any depth, keys without "/"."""
     out = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            out.update(_flatten(f"{group}/{key}", value))
+            out.update(_flatten(f"{group}/{key}", value, leaf))
         else:
-            out[f"{group}/{key}"] = np.asarray(jax.device_get(value))
+            out[f"{group}/{key}"] = leaf(value)
     return out
 
 

@@ -310,7 +310,7 @@ def cmd_evaluate(args) -> int:
                          f"{'x'.join(map(str, dataset.input_shape))}; evaluate it on {model.meta['dataset']}")
     train.check_network(model.network, dataset.input_shape, dataset.classes)
     evaluate = train.make_evaluator(model.network, cfg, len(dataset.x_test))
-    result = evaluate(model.params, dataset.x_test - model.mean, dataset.y_test)
+    result = evaluate(model.params, dataset.x_test - model.mean, dataset.y_test, model.state)
     if "global_step" in model.meta:  # a training state
         step, per_epoch = model.meta["global_step"], model.meta.get("steps_per_epoch")
         when = f"training state after step {step}" + (f", {step / per_epoch:.2f} epochs" if per_epoch else "")

@@ -156,8 +156,7 @@ def check_network(net: nw.Sequential, params: dict, x: jax.Array, labels: jax.Ar
             return LOSSES[loss](z, labels, grad=_grad_mode(mode))
 
         inputs = {"params": params, "x": x}
-        names = {"params": {layer: {k: f"{layer}/{k}" for k in group} for layer, group in params.items()},
-                 "x": "input x"}
+        names = {"params": _path_names(params), "x": "input x"}
         kinks = count_kinks(net, params, x)
         modes = {name: kw for name, kw in MODES.items() if kw["rule"] in rules}
         rows = _compare(f, inputs, names, modes, kinks, dtype, fd_directions, seed)
@@ -205,6 +204,11 @@ def check_op(op: Callable, args: tuple, names: tuple[str, ...], *, dtype=jnp.flo
         rows = _compare(f, {"args": args}, {"args": list(names)}, modes, kinks, dtype, fd_directions, seed)
         return Report(rows, kinks, str(dtype), TOLERANCE[str(dtype)], FD_TOLERANCE[str(dtype)],
                       {"op": getattr(op, "__name__", repr(op))})
+
+
+def _path_names(tree: dict, prefix: str = "") -> dict:
+    """Each leaf of nested params named by its path: "conv1/w", "res1/conv2/b"."""
+    return {k: _path_names(v, f"{prefix}{k}/") if isinstance(v, dict) else f"{prefix}{k}" for k, v in tree.items()}
 
 
 def _grad_mode(mode: str) -> str:

@@ -86,8 +86,21 @@ class Layer:
     def param_shapes(self, in_shape: Shape) -> dict[str, Shape]:
         return {}
 
+    def state_shapes(self, in_shape: Shape) -> dict[str, Shape]:
+        """Arrays the layer carries beside its params (running statistics), none for most layers."""
+        return {}
+
+    @property
+    def stateful(self) -> bool:
+        return False
+
     def apply(self, params: dict, x: jax.Array, *, grad: str, rule: str) -> jax.Array:
         raise NotImplementedError
+
+    def forward(self, params: dict, state: dict, x: jax.Array, *, grad: str, rule: str, train: bool,
+                axis_name: str | None) -> tuple[jax.Array, dict]:
+        """``(output, new state)``; a layer without state is its ``apply``."""
+        return self.apply(params, x, grad=grad, rule=rule), state
 
 
 @dataclass(frozen=True)
@@ -259,6 +272,148 @@ class GlobalAvgPool(_Activation):
 
 
 @dataclass(frozen=True)
+class BatchNorm(Layer):
+    """``jc.batch_norm`` over the channels (the last axis) with a learned scale ``gamma`` and shift ``beta``, and
+    running averages of the batch statistics as state: in training (``train=True``) it normalises with the
+    batch's mean and (biased) variance and updates running = momentum running + (1 - momentum) batch; in
+    evaluation it normalises with the running averages. Inside the trainer's data-parallel step the statistics
+    are synchronised over the devices (the same for any device count). ``grad="tangent"`` differentiates it by
+    autodiff (it has no hand tangent rule)."""
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    grad: str | None = None
+    type: ClassVar[str] = "batch_norm"
+    prefix: ClassVar[str] = "bn"
+
+    def __post_init__(self):
+        _check_mode(self.type, self.grad)
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or \
+                not 0 <= self.momentum < 1:
+            raise ValueError(f"batch_norm: momentum must be in [0, 1), got {self.momentum!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ValueError(f"batch_norm: eps must be a number > 0, got {self.eps!r}")
+
+    def param_shapes(self, in_shape):
+        return {"gamma": (in_shape[-1],), "beta": (in_shape[-1],)}
+
+    def state_shapes(self, in_shape):
+        return {"mean": (in_shape[-1],), "var": (in_shape[-1],)}
+
+    @property
+    def stateful(self) -> bool:
+        return True
+
+    def init_params(self, key: jax.Array, in_shape: Shape, dtype) -> dict:
+        return {"gamma": jnp.ones(in_shape[-1], dtype), "beta": jnp.zeros(in_shape[-1], dtype)}
+
+    def init_state(self, in_shape: Shape) -> dict:
+        return {"mean": jnp.zeros(in_shape[-1], jnp.float32), "var": jnp.ones(in_shape[-1], jnp.float32)}
+
+    def _grad(self, grad: str) -> str:
+        grad = self.grad or grad
+        return "autodiff" if grad == "tangent" else grad
+
+    def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
+        return ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, grad=self._grad(grad))[0]
+
+    def forward(self, params, state, x, *, grad, rule, train, axis_name):
+        if train:
+            y, mean, var = ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, axis_name=axis_name,
+                                          grad=self._grad(grad))
+            if state is None:
+                return y, None
+            update = lambda old, new: (self.momentum * old + (1 - self.momentum) * jax.lax.stop_gradient(new)
+                                       ).astype(old.dtype)
+            return y, {"mean": update(state["mean"], mean), "var": update(state["var"], var)}
+        y = ops.batch_norm(x, params["gamma"], params["beta"], mean=state["mean"], var=state["var"], eps=self.eps,
+                           grad=self._grad(grad))[0]
+        return y, state
+
+
+@dataclass(frozen=True)
+class Residual(Layer):
+    """A residual block: y = body(x) + shortcut(x), with ``layers`` the body (any layers, batch norm included)
+    and the shortcut x itself when the body keeps x's shape, else a projection, a 1x1 convolution whose stride
+    matches the body's downsampling (He et al.'s option B; ``projection=True`` forces one).
+
+    Backward, from the computational graph (Sadeghzadeh): the join y = a + b passes Delta to both branches
+    unchanged (``jc.ops.residual_add``'s hand rule), and at the fork, where x feeds both branches, the cotangents
+    add: dx = J_body^T Delta + J_shortcut^T Delta, with J_shortcut^T Delta = Delta for the identity. Each layer of
+    the body backpropagates by its own hand rule. Params: the body's by its layer names, and ``proj``.
+    """
+
+    layers: tuple[Layer, ...]
+    projection: bool | None = None
+    grad: str | None = None
+    type: ClassVar[str] = "residual"
+    prefix: ClassVar[str] = "res"
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        Sequential(self.layers, name="residual body")  # checks the layer specs
+        if self.projection not in (None, True, False):
+            raise TypeError(f"residual: projection must be True, False or None (when shapes differ), got "
+                            f"{self.projection!r}")
+        _check_mode(self.type, self.grad)
+
+    @property
+    def body(self) -> Sequential:
+        return Sequential(self.layers, name="residual body")
+
+    @property
+    def stateful(self) -> bool:
+        return self.body.stateful
+
+    def shortcut(self, in_shape: Shape) -> Conv | None:
+        """The projection for inputs of ``in_shape``, or None (identity)."""
+        out = self.body.shapes(in_shape)[-1]
+        if len(out) != 3:
+            raise ValueError(f"residual: the body must output an image [H, W, C] to add to its input, got "
+                             f"{_fmt(out)}")
+        if out == tuple(in_shape) and not self.projection:
+            return None
+        if self.projection is False:
+            raise ValueError(f"residual: the body maps {_fmt(in_shape)} to {_fmt(out)}, so the shortcut needs a "
+                             f"projection (projection=False forbids it)")
+        stride = tuple(-(-i // o) for i, o in zip(in_shape[:2], out[:2]))
+        if tuple((i - 1) // st + 1 for i, st in zip(in_shape[:2], stride)) != out[:2]:
+            raise ValueError(f"residual: no 1x1 convolution with a stride maps {_fmt(in_shape[:2])} to "
+                             f"{_fmt(out[:2])} (the body's height and width)")
+        return Conv(out[-1], 1, stride=stride, bias=False)
+
+    def param_shapes(self, in_shape):
+        in_shape = tuple(in_shape)
+        shapes = [in_shape, *self.body.shapes(in_shape)[:-1]]
+        nested = {name: _param_shapes(layer, shape, i)
+                  for i, (name, layer, shape) in enumerate(zip(self.body.names, self.layers, shapes)) if name}
+        proj = self.shortcut(in_shape)
+        return {**nested, **({"proj": proj.param_shapes(in_shape)} if proj else {})}
+
+    def init_params(self, key: jax.Array, in_shape: Shape, dtype) -> dict:
+        k_body, k_proj = jax.random.split(key)
+        params = self.body.init(k_body, in_shape, dtype)
+        proj = self.shortcut(tuple(in_shape))
+        if proj is not None:
+            params["proj"] = Sequential([proj]).init(k_proj, in_shape, dtype)["conv1"]
+        return params
+
+    def init_state(self, in_shape: Shape) -> dict:
+        return self.body.init_state(in_shape)
+
+    def apply(self, params, x, *, grad, rule):  # training mode (batch norm with batch statistics)
+        return self.forward(params, None, x, grad=grad, rule=rule, train=True, axis_name=None)[0]
+
+    def forward(self, params, state, x, *, grad, rule, train, axis_name):
+        grad = self.grad or grad
+        outs, new_state = self.body.forward({k: v for k, v in params.items() if k != "proj"}, x, grad=grad,
+                                            rule=rule, state=state, train=train, axis_name=axis_name)
+        proj = self.shortcut(tuple(x.shape[1:]))
+        skip = x if proj is None else proj.apply(params["proj"], x, grad=grad, rule=rule)
+        return ops.residual_add(outs[-1], skip, grad="autodiff" if grad == "tangent" else grad), new_state
+
+
+@dataclass(frozen=True)
 class Flatten(Layer):
     """[N, H, W, C] -> [N, H*W*C] (row-major: channel fastest)."""
 
@@ -335,7 +490,7 @@ class Custom(Layer):
 
 LAYER_TYPES: dict[str, type[Layer]] = {
     cls.type: cls for cls in (Conv, ConvReLUPool, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, LeakyReLU, ELU, GELU,
-                              Softmax, GlobalAvgPool, Flatten, Dense)
+                              Softmax, GlobalAvgPool, BatchNorm, Residual, Flatten, Dense)
 }
 
 
@@ -378,7 +533,8 @@ class Sequential:
         input_shape = _input_shape(input_shape)
         shapes, shape = [], input_shape
         for i, layer in enumerate(self.layers):
-            params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in _param_shapes(layer, shape, i).items()}
+            params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+                                            _param_shapes(layer, shape, i), is_leaf=_is_shape)
             x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
             try:
                 shape = jax.eval_shape(lambda p, x, layer=layer: layer.apply(p, x, grad="hand", rule=None),
@@ -398,31 +554,66 @@ class Sequential:
                  for i, (name, layer, shape) in enumerate(zip(self.names, self.layers, shapes)) if name]
         return _init(specs, key, jnp.dtype(dtype))
 
-    def apply(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None) -> jax.Array:
-        """The network's output for a batch ``x`` [N, H, W, C]. ``grad`` and ``rule`` apply to every layer that
-        does not set its own; ``rule=None`` leaves each conv layer the backend's default (see ``conv2d``)."""
-        return self.outputs(params, x, grad=grad, rule=rule)[-1]
+    @property
+    def stateful(self) -> bool:
+        """Whether some layer carries state beside its params (batch norm's running averages)."""
+        return any(layer.stateful for layer in self.layers)
 
-    def outputs(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None) -> list[jax.Array]:
-        """Every layer's output, in order (the last is ``apply``'s result)."""
+    def init_state(self, input_shape: Shape) -> dict:
+        """The state of a fresh network for inputs of shape ``input_shape``: each stateful layer's, by its params
+        name (``{"bn1": {"mean": 0, "var": 1}, ...}``); ``{}`` for a network without state."""
+        input_shape = _input_shape(input_shape)
+        shapes = [input_shape, *self.shapes(input_shape)[:-1]]
+        return {name: layer.init_state(shape) for name, layer, shape in zip(self.names, self.layers, shapes)
+                if layer.stateful}
+
+    def apply(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None,
+              state: dict | None = None) -> jax.Array:
+        """The network's output for a batch ``x`` [N, H, W, C], in evaluation mode (batch norm normalises with
+        the running averages in ``state``, which a network with batch norm needs). ``grad`` and ``rule`` apply to
+        every layer that does not set its own; ``rule=None`` leaves each conv layer the backend's default."""
+        return self.outputs(params, x, grad=grad, rule=rule, state=state)[-1]
+
+    def outputs(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None,
+                state: dict | None = None, train: bool = False, axis_name: str | None = None) -> list[jax.Array]:
+        """Every layer's output, in order (the last is ``apply``'s result); see ``forward``."""
+        return self.forward(params, x, grad=grad, rule=rule, state=state, train=train, axis_name=axis_name)[0]
+
+    def forward(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None,
+                state: dict | None = None, train: bool = False, axis_name: str | None = None
+                ) -> tuple[list[jax.Array], dict | None]:
+        """``(every layer's output, new state)``. ``train=True``: batch norm normalises with the batch's
+        statistics (shared over the devices of ``axis_name``) and, given ``state``, returns it with the running
+        averages updated (None without). ``train=False``: evaluation, with ``state``'s running averages."""
         _check_mode(self.name, grad, rule)
-        outs = []
+        if not train and state is None and self.stateful:
+            raise ValueError(f"{self.name} has batch norm: evaluating it needs its running averages, state= (from "
+                             f"{self.name}.init_state(input_shape), training, or a saved model's .state)")
+        outs, new_state = [], ({} if state is not None else None)
         for i, (name, layer) in enumerate(zip(self.names, self.layers)):
             if name and (not isinstance(params, dict) or name not in params):
                 have = sorted(params) if isinstance(params, dict) else type(params).__name__
                 raise ValueError(f"layer {i} ({describe(layer)}): params has no entry {name!r} (it has {have}); "
                                  f"make params with {self.name}.init(key, input_shape)")
+            has_state = layer.stateful
+            if has_state and state is not None and name not in state:
+                raise ValueError(f"layer {i} ({describe(layer)}): state has no entry {name!r} (it has "
+                                 f"{sorted(state)}); make it with {self.name}.init_state(input_shape)")
             try:
-                x = layer.apply(params[name] if name else {}, x, grad=grad, rule=rule)
+                x, layer_state = layer.forward(params[name] if name else {},
+                                               state[name] if has_state and state is not None else None, x,
+                                               grad=grad, rule=rule, train=train, axis_name=axis_name)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"layer {i} ({describe(layer)}): {err}") from None
+            if has_state and new_state is not None:
+                new_state[name] = layer_state
             outs.append(x)
-        return outs
+        return outs, new_state
 
     def num_params(self, input_shape: Shape) -> int:
         shapes = [_input_shape(input_shape), *self.shapes(input_shape)[:-1]]
         return sum(int(np.prod(s)) for i, (layer, shape) in enumerate(zip(self.layers, shapes))
-                   for s in _param_shapes(layer, shape, i).values())
+                   for s in _shape_leaves(_param_shapes(layer, shape, i)))
 
     def summary(self, input_shape: Shape) -> str:
         """A table of layers, output shapes and parameter counts."""
@@ -431,7 +622,7 @@ class Sequential:
         rows = [("#", "layer", "output", "params"), ("", "input", _fmt(input_shape), "")]
         total = 0
         for i, (layer, shape_in, shape_out) in enumerate(zip(self.layers, [input_shape, *out_shapes], out_shapes)):
-            count = sum(int(np.prod(s)) for s in _param_shapes(layer, shape_in, i).values())
+            count = sum(int(np.prod(s)) for s in _shape_leaves(_param_shapes(layer, shape_in, i)))
             total += count
             rows.append((str(i), describe(layer), _fmt(shape_out), f"{count:,}" if count else ""))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
@@ -467,7 +658,9 @@ class Sequential:
             entry = {"type": layer.type}
             for f in dataclasses.fields(layer):
                 value = getattr(layer, f.name)
-                if value != f.default:
+                if isinstance(layer, Residual) and f.name == "layers":
+                    entry["layers"] = Sequential(value).to_config()["layers"]
+                elif value != f.default:
                     entry[f.name] = _plain(value)
             layers.append(entry)
         return {"name": self.name, "layers": layers}
@@ -511,6 +704,9 @@ class Sequential:
                 raise ValueError(f"{where} ({kind}): unknown field(s) {', '.join(unknown)}; "
                                  f"expected some of {', '.join(sorted(allowed))}")
             kwargs = {k: _tuples(v) for k, v in entry.items() if k != "type"}
+            if layer_cls is Residual and "layers" in entry:
+                kwargs["layers"] = cls.from_config({"layers": entry["layers"]}, source=f"{where} (residual)",
+                                                   custom_ops=custom_ops).layers
             try:
                 built.append(layer_cls(**kwargs))
             except (TypeError, ValueError) as err:
@@ -531,7 +727,7 @@ def _param_shapes(layer: Layer, in_shape: Shape, index: int) -> dict[str, Shape]
         raise ValueError(f"layer {index} ({describe(layer)}) expects {expected}, got input of shape "
                          f"{_fmt(in_shape)}")
     shapes = layer.param_shapes(in_shape)
-    for name, shape in shapes.items():
+    for name, shape in _shape_items(shapes):
         if math.prod(shape) > MAX_LAYER_PARAMS:
             raise ValueError(f"layer {index} ({describe(layer)}): its {name} would have shape {_fmt(shape)}, more "
                              f"than {MAX_LAYER_PARAMS} entries; use smaller sizes")
@@ -549,7 +745,7 @@ def _init(specs, key: jax.Array, dtype) -> dict:
     offsets = dict(zip([n for n, _ in he], np.cumsum([0, *sizes])))
     params = {}
     for (name, layer, shapes, in_shape), k in zip(specs, keys):
-        if isinstance(layer, Custom):
+        if hasattr(layer, "init_params"):  # user layers, batch norm
             params[name] = layer.init_params(k, in_shape, dtype)
             continue
         w_shape = shapes["w"]
@@ -561,6 +757,22 @@ def _init(specs, key: jax.Array, dtype) -> dict:
             w = INITIALIZERS[layer.init](k, w_shape, dtype)
         params[name] = {"w": w, **({"b": jnp.zeros(shapes["b"], dtype)} if "b" in shapes else {})}
     return params
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, tuple)
+
+
+def _shape_items(shapes: dict, prefix: str = "") -> list[tuple[str, Shape]]:
+    """(path, shape) of a possibly nested dict of shapes (a residual block's are nested by its layers)."""
+    items = []
+    for key, value in shapes.items():
+        items += [(f"{prefix}{key}", value)] if _is_shape(value) else _shape_items(value, f"{prefix}{key}/")
+    return items
+
+
+def _shape_leaves(shapes: dict) -> list[Shape]:
+    return [shape for _, shape in _shape_items(shapes)]
 
 
 def _input_shape(shape) -> Shape:
@@ -587,6 +799,9 @@ def describe(layer: Layer) -> str:
     if isinstance(layer, Custom):
         grad = [f"grad={layer.grad!r}"] if layer.grad else []
         return f"{layer.op.name}({', '.join([*(f'{k}={v!r}' for k, v in layer.settings), *grad])})"
+    if isinstance(layer, Residual):
+        extra = [f"{k}={getattr(layer, k)!r}" for k in ("projection", "grad") if getattr(layer, k) is not None]
+        return f"Residual([{', '.join(describe(inner) for inner in layer.layers)}]{''.join(', ' + e for e in extra)})"
     parts = []
     for f in dataclasses.fields(layer):
         value = getattr(layer, f.name)

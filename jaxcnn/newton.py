@@ -153,7 +153,7 @@ def make_functions(net: Sequential, cfg, x_fit: jax.Array, y_fit: jax.Array, C: 
 def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpoint: Callable | None = None,
         resume: tuple | None = None, devices: int | None = None):
     """``train.fit`` for ``cfg.optimizer == "newton"``: ``cfg.iterations`` Newton iterations (see the module
-    docstring). ``on_epoch(record, best_params, improved)`` after every iteration; ``checkpoint(state)`` after every
+    docstring). ``on_epoch(record, best_params, improved, {})`` after every iteration; ``checkpoint(state)`` after every
     iteration (each is a full pass over the data, so always). A non-finite objective or gradient at the current
     point stops the run (NonFiniteError, whatever ``train.fit``'s ``on_nan`` says: no Newton step can skip it); a
     non-finite trial point in the line search is rejected like an insufficient decrease."""
@@ -163,6 +163,7 @@ def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpo
         raise ValueError("the newton optimizer runs on one device for now (--devices 1); the Gauss-Newton product "
                          "itself can be data-parallel (jaxcnn.second_order.gauss_newton_product(axis_name=...))")
     train.check_network(net, prep.input_shape, prep.classes)
+    second_order.check_stateless(net)
     examples = len(prep.x_fit)
     C = objective_c(cfg, examples)
     x_fit, y_fit = jnp.asarray(prep.x_fit), jnp.asarray(prep.y_fit)
@@ -230,7 +231,7 @@ def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpo
             checkpoint((k - 1, arrays, {"position": position, "train": dataclasses.asdict(cfg),
                                         "network": net.to_config(), "dataset": prep.name, "steps_per_epoch": 1}))
         if on_epoch is not None:
-            on_epoch(record, best_params, improved)
+            on_epoch(record, best_params, improved, {})
     if best_params is None:  # iterations already done (a resumed, finished run)
         best_params = unravel(theta)
     result = train.FitResult(best_params, best_epoch, history, np.asarray([r["train_objective"] for r in history]))

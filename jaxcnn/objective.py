@@ -47,22 +47,28 @@ def cast(tree, dtype):
 
 def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss: str = "ce",
               C: float | None = None, grad: str = "hand", rule: str | None = None, label_smoothing: float = 0.0,
-              compute_dtype=None):
+              compute_dtype=None, state: dict | None = None, axis_name: str | None = None):
     """f(theta) on a batch (Lin eq. 1-2). Returns ``(f, aux)`` with ``aux = {"loss": the batch-mean data term,
     "correct": number of correctly classified examples, "finite": whether each layer's output is free of NaN and
     Inf}`` (for ``jax.value_and_grad(..., has_aux=True)``). ``label_smoothing`` epsilon > 0 trains on the targets
     of ``smoothed``. ``compute_dtype`` (e.g. bfloat16): the layers' forward and hand backward run in it on casts
     of ``params`` and ``x``, while the loss (the loss ops evaluate in float32), the regulariser and the gradients
-    stay in the params' dtype (mixed precision)."""
+    stay in the params' dtype (mixed precision). Batch norm runs in training mode (the batch's statistics, shared
+    over the devices of ``axis_name``); given ``state``, ``aux["state"]`` holds it with the running averages
+    updated."""
     check(loss, C)
-    outputs = net.outputs(cast(params, compute_dtype), cast(x, compute_dtype), grad=grad, rule=rule)
+    outputs, new_state = net.forward(cast(params, compute_dtype), cast(x, compute_dtype), grad=grad, rule=rule,
+                                     state=state, train=True, axis_name=axis_name)
     logits = outputs[-1]
     targets = (smoothed(labels, logits.shape[-1], label_smoothing).astype(jnp.promote_types(logits.dtype, jnp.float32))
                if label_smoothing else labels)
     data_term = LOSSES[loss](logits, targets, grad=grad)
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
     finite = jnp.stack([jnp.all(jnp.isfinite(o)) for o in outputs])
-    return data_term + regulariser(params, C), {"loss": data_term, "correct": correct, "finite": finite}
+    aux = {"loss": data_term, "correct": correct, "finite": finite}
+    if state is not None:
+        aux["state"] = new_state
+    return data_term + regulariser(params, C), aux
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str = "ce") -> jax.Array:

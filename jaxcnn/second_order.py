@@ -72,6 +72,14 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
     if isinstance(layer, nw.Flatten):
         y = layer.apply(p, x, grad=grad, rule=rule)
         return y, jnp.zeros_like(y) if dx is None else dx.reshape(y.shape)
+    if isinstance(layer, nw.Residual):  # d(body(x) + shortcut(x)) = J_body dx + J_shortcut dx, both by hand rules
+        h, dh = x, dx
+        for name, inner in zip(layer.body.names, layer.layers):
+            h, dh = layer_jvp(inner, p[name] if name else {}, h, dp[name] if name else {}, dh, grad=grad, rule=rule)
+        proj = layer.shortcut(tuple(x.shape[1:]))
+        skip, dskip = (x, dx) if proj is None else layer_jvp(proj, p["proj"], x, dp["proj"], dx, grad=grad, rule=rule)
+        tangents = [t for t in (dh, dskip) if t is not None]
+        return h + skip, sum(tangents[1:], tangents[0]) if tangents else jnp.zeros_like(h)
     names = ("w", "b") if "b" in p else ("w",)  # conv and dense parameters, in the ops' argument order
     if isinstance(layer, nw.Conv):
         primals, tangents = (x, *(p[k] for k in names)), (dx, *(dp.get(k) for k in names))
@@ -88,11 +96,20 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
     return ops.JVP[type(layer).op]((x,), (dx,), **layer.settings())  # activations, global pooling, softmax
 
 
+def check_stateless(net: nw.Sequential) -> None:
+    """Second order here is for networks without state: with batch norm, one example's output depends on the
+    rest of its batch, so J_i (and simpleNN's Gauss-Newton matrix, a sum over examples) is not defined."""
+    if net.stateful:
+        raise ValueError(f"{net.name} has batch norm: Jacobian products and the Gauss-Newton matrix (and the newton "
+                         f"optimizer) need a network whose outputs are per example; use a first-order optimizer")
+
+
 def jvp(net: nw.Sequential, params: dict, x: jax.Array, v: dict, *, grad: str = "hand",
         rule: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(z, J v)``: the network's output for a batch ``x`` and its tangent for a parameter direction ``v`` (a
     pytree like ``params``), the input held fixed. ``grad="hand"``: every layer's hand tangent rule, layer by
     layer (simpleNN's R-op); ``grad="autodiff"``: ``jax.jvp`` of the autodiff network."""
+    check_stateless(net)
     if grad == "autodiff":
         return jax.jvp(lambda p: net.apply(p, x, grad="autodiff", rule=rule), (params,), (v,))
     dx = None
@@ -141,6 +158,7 @@ def forward(net: nw.Sequential, params: dict, x: jax.Array, *, batch_size: int |
     """The forward pass over the subsample ``x`` in segments of ``batch_size`` (default: one), kept for
     ``gauss_newton_product`` (simpleNN stores it once per Newton iteration for all CG steps). Memory: the input
     and the output of every conv / dense layer, for all of ``x``."""
+    check_stateless(net)
     size = _segment_size("forward", batch_size, x.shape[0])
     (xs,), mask = segments(size, x)
     return Forward(_map(lambda seg: _outputs(net, params, seg, grad, rule), xs), mask, x.shape[0])
@@ -190,6 +208,7 @@ def gauss_newton_product(net: nw.Sequential, params: dict, x: jax.Array | Forwar
     The labels are not needed: B depends on the outputs only, for both losses.
     """
     check_objective(loss, C)
+    check_stateless(net)
     if isinstance(x, Forward):
         parts = _map(lambda seg: _segment_product(net, params, *seg, v, loss, grad, rule), (x.stored, x.mask))
         count, dtype = x.count, x.stored[-1].dtype

@@ -231,6 +231,7 @@ class FitResult:
     step_losses: np.ndarray  # the objective at every step, in order (NaN for a skipped step)
     test: dict = field(default_factory=dict)  # {"loss", "accuracy"} of the best params on the test set
     skipped: int = 0  # steps skipped for a non-finite objective or gradient (on_nan="skip")
+    state: dict = field(default_factory=dict)  # the best epoch's state (batch norm's running averages; {} if none)
 
 
 @dataclass
@@ -262,7 +263,8 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     """Train ``net`` on ``prep`` by ``cfg``, data-parallel over ``devices`` local devices of every process
     (default all; see ``jaxcnn.parallel``).
 
-    ``on_epoch(record, best_params, improved)`` is called after each epoch; ``checkpoint(state)`` after each
+    ``on_epoch(record, best_params, improved, best_state)`` is called after each epoch (``best_state``: the
+    network's state at the best epoch, batch norm's running averages; {} without); ``checkpoint(state)`` after each
     epoch and every ``checkpoint_every`` steps with the training state (see ``_state``), which ``resume`` takes
     back to continue exactly where it was. A step whose objective or gradient is not finite is never applied:
     ``on_nan="stop"`` raises NonFiniteError at the next checkpoint or epoch end, naming the step and the first
@@ -293,12 +295,12 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     parallel.check_batch(batch, mesh)
     tx = make_optimizer(cfg, steps) if optimizer is None else optimizer
     params = net.init(jax.random.key(cfg.seed), prep.input_shape)
-    opt_state = tx.init(params)
-    pos, best_params = Position(), None
+    opt_state, state = tx.init(params), net.init_state(prep.input_shape)
+    pos, best_params, best_state = Position(), None, {}
     if resume is not None:
-        params, opt_state, best_params, pos = _restore(resume, params, opt_state, prep)
+        params, opt_state, state, best_params, best_state, pos = _restore(resume, params, opt_state, state, prep)
     guard = _guard(net, params, count=(pos.epoch - 1) * steps + pos.step, skipped=pos.skipped)
-    params, opt_state, guard = parallel.replicate(mesh, (params, opt_state, guard))
+    params, opt_state, state, guard = parallel.replicate(mesh, (params, opt_state, state, guard))
     step = make_step(net, tx, cfg, mesh, skip=on_nan == "skip")
     evaluate = make_evaluator(net, cfg, max(len(prep.x_val), len(prep.x_test)), mesh=mesh)
     lr = learning_rate(cfg, steps) if optimizer is None else None
@@ -325,7 +327,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
 
     def save():
         if checkpoint is not None:
-            checkpoint(_state(pos, params, opt_state, best_params, prep, cfg, net, steps))
+            checkpoint(_state(pos, (params, opt_state, state), (best_params, best_state), prep, cfg, net, steps))
 
     clock = None  # (time, steps done) once the first step (compilation included) has finished
     done = beats = 0
@@ -343,7 +345,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
             while pos.step < steps:
                 s = pos.step
                 xb, yb = parallel.global_batch(mesh, order[s * batch:(s + 1) * batch], prep.x_fit, prep.y_fit)
-                params, opt_state, guard, value, aux = step(params, opt_state, guard, xb, yb)
+                params, opt_state, state, guard, value, aux = step(params, opt_state, state, guard, xb, yb)
                 values.append(value)
                 corrects.append(aux["correct"])
                 parallel.pace(mesh, values)
@@ -378,7 +380,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
         record = {"epoch": epoch, "train_objective": float(epoch_values[finite].mean()) if finite.any() else
                   float("nan"), "train_accuracy": pos.correct / (steps * batch), "skipped_steps": pos.skipped}
         if len(prep.x_val):
-            val = evaluate(params, prep.x_val, prep.y_val)
+            val = evaluate(params, prep.x_val, prep.y_val, state)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             key = [val["accuracy"], -val["loss"]]
         else:
@@ -386,16 +388,18 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
         record["seconds"] = time.perf_counter() - start
         improved = pos.best_key is None or key > pos.best_key
         if improved:
-            pos.best_key, pos.best_epoch, best_params = key, epoch, parallel.to_host(params)
+            pos.best_key, pos.best_epoch = key, epoch
+            best_params, best_state = parallel.to_host((params, state))
         pos.history.append(record)
         pos.step_losses.extend(pos.values)
         pos.epoch, pos.step, pos.values, pos.correct = epoch + 1, 0, [], 0
         save()
         if on_epoch is not None:
-            on_epoch(record, best_params, improved)
+            on_epoch(record, best_params, improved, best_state)
         clock = resumed(clock, paused)
-    result = FitResult(best_params, pos.best_epoch, pos.history, np.asarray(pos.step_losses), skipped=pos.skipped)
-    result.test = evaluate(best_params, prep.x_test, prep.y_test)
+    result = FitResult(best_params, pos.best_epoch, pos.history, np.asarray(pos.step_losses), skipped=pos.skipped,
+                       state=best_state)
+    result.test = evaluate(best_params, prep.x_test, prep.y_test, best_state)
     return result
 
 
@@ -413,8 +417,9 @@ def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None
 
 
 def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfig, mesh, skip: bool = False):
-    """The jitted, data-parallel training step on a batch split over ``mesh``: returns (params, opt_state, guard,
-    f, aux), all replicated.
+    """The jitted, data-parallel training step on a batch split over ``mesh``: ``step(params, opt_state, state,
+    guard, x, y) -> (params, opt_state, state, guard, f, aux)``, all replicated. ``state``: batch norm's running
+    averages, updated from statistics synchronised over the devices ({} for a network without).
 
     ``guard`` counts steps and remembers the first non-finite one ("bad": its global index, -1 if none; "finite":
     which layer outputs were finite; "grad_finite": which gradients). A non-finite step is not applied; unless
@@ -423,7 +428,7 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
 
     kinds = augmentation.parse(cfg.augment, cfg.dataset)
 
-    def local(params, opt_state, guard, x, y):
+    def local(params, opt_state, state, guard, x, y):
         if kinds:  # each example's draw keyed by the global step and its place in the global batch
             index = lax.axis_index(parallel.AXIS) * x.shape[0] + jnp.arange(x.shape[0])
             key = jax.random.fold_in(jax.random.key(cfg.seed + 0x5EED), guard["count"])
@@ -431,7 +436,9 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
             x = augmentation.augment(x, key, index, kinds, padding)
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
             params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule,
-            label_smoothing=cfg.label_smoothing, compute_dtype=cfg.compute_dtype)
+            label_smoothing=cfg.label_smoothing, compute_dtype=cfg.compute_dtype, state=state,
+            axis_name=parallel.AXIS)
+        new_state = aux.pop("state")  # the same on every device: the statistics are synchronised
         # The mean over devices of the shard means is the whole batch's objective and gradient.
         value, grads, aux = parallel.combine(mesh, value, grads, aux)
         layer_norms = [optax.tree.norm(grads[name]) for name in sorted(grads)]  # for metrics.csv
@@ -450,12 +457,12 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
             "finite": jnp.where(first_bad, aux["finite"], guard["finite"]),
             "grad_finite": jnp.where(first_bad, grad_finite, guard["grad_finite"]),
         }
-        return keep(new_params, params), keep(new_opt_state, opt_state), guard, value, aux
+        return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_state, state), guard, value, aux
 
     batch = P(parallel.AXIS)
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), batch, batch), out_specs=P(),
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), batch, batch), out_specs=P(),
                             check_vma=False)  # see jaxcnn.parallel: gradients are averaged explicitly
-    return jax.jit(sharded, donate_argnums=(0, 1, 2))
+    return jax.jit(sharded, donate_argnums=(0, 1, 2, 3))
 
 
 def _guard(net: Sequential, params: dict, count: int = 0, skipped: int = 0) -> dict:
@@ -478,21 +485,25 @@ def _nan_message(net: Sequential, params: dict, guard: dict, steps: int, cfg: Tr
             f"written before it is kept. Lower --lr (now {cfg.lr}), set --C, or pass --on-nan skip")
 
 
-def _state(pos: Position, params, opt_state, best_params, prep: Prepared, cfg: TrainConfig, net: Sequential,
+def _state(pos: Position, current: tuple, best: tuple, prep: Prepared, cfg: TrainConfig, net: Sequential,
            steps: int) -> tuple[int, dict, dict]:
-    """A training state as (global step, arrays, meta) for ``checkpoint.save_state``."""
+    """A training state as (global step, arrays, meta) for ``checkpoint.save_state``: ``current`` is (params,
+    optimizer state, network state), ``best`` (params, network state) of the best epoch so far."""
     global_step = (pos.epoch - 1) * steps + pos.step
-    params, opt_state = parallel.to_host((params, opt_state))
+    params, opt_state, state = parallel.to_host(current)
     opt_leaves = jax.tree_util.tree_leaves(opt_state)
     arrays = {"params": params, "opt": {str(i): leaf for i, leaf in enumerate(opt_leaves)},
-              "best": best_params or {}, "preprocess": {"mean": prep.mean}}
+              "best": best[0] or {}, "preprocess": {"mean": prep.mean}}
+    if state:  # batch norm's running averages, now and at the best epoch
+        arrays.update(state=state, best_state=best[1] or {})
     meta = {"position": dataclasses.asdict(pos), "train": dataclasses.asdict(cfg), "network": net.to_config(),
             "dataset": prep.name, "steps_per_epoch": steps}
     return global_step, arrays, meta
 
 
-def _restore(resume: tuple, params, opt_state, prep: Prepared):
-    """Params, optimizer state, best params and position from a training state (arrays, meta)."""
+def _restore(resume: tuple, params, opt_state, state, prep: Prepared):
+    """Params, optimizer state, network state, best params, best state and position from a training state
+    (arrays, meta)."""
     arrays, meta = resume
     if not np.array_equal(arrays["preprocess"]["mean"], prep.mean):
         raise ValueError("the training data differ from those this run started with (another mean image): "
@@ -503,31 +514,36 @@ def _restore(resume: tuple, params, opt_state, prep: Prepared):
         raise ValueError(f"the saved optimizer state has {len(saved)} arrays, this recipe's has {len(template)}")
     opt_leaves = [jnp.asarray(saved[str(i)], t.dtype) for i, t in enumerate(template)]
     opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), opt_leaves)
-    params = jax.tree_util.tree_map(lambda t, a: jnp.asarray(a, t.dtype), params, arrays["params"])
+    like = lambda template, saved: jax.tree_util.tree_map(lambda t, a: jnp.asarray(a, t.dtype), template, saved)
+    params = like(params, arrays["params"])
+    if state:
+        state = like(state, arrays["state"])
     best = arrays.get("best") or None
-    return params, opt_state, best, Position(**meta["position"])
+    best_state = arrays.get("best_state") or {}
+    return params, opt_state, state, best, best_state, Position(**meta["position"])
 
 
 def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: int = 1000, mesh=None):
-    """``evaluate(params, x, y) -> {"loss", "accuracy"}`` over a whole split, in fixed-size padded batches (one
-    compilation for every split), each batch split over ``mesh`` (default: all local devices)."""
+    """``evaluate(params, x, y, state=None) -> {"loss", "accuracy"}`` over a whole split, in fixed-size padded
+    batches (one compilation for every split), each batch split over ``mesh`` (default: all local devices), in
+    evaluation mode (batch norm with ``state``'s running averages)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     size = -(-max(1, min(max_batch, largest)) // mesh.size) * mesh.size
 
-    def local(params, x, y, mask):
+    def local(params, state, x, y, mask):
         logits = net.apply(obj.cast(params, cfg.compute_dtype), obj.cast(x, cfg.compute_dtype), grad=cfg.grad,
-                           rule=cfg.op_rule)
+                           rule=cfg.op_rule, state=state if net.stateful else None)
         losses = obj.per_example_loss(logits, y, cfg.loss)  # float32 at least (the loss ops)
         correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) * mask)
         total = lax.psum(jnp.stack([jnp.sum(losses * mask), correct.astype(losses.dtype)]), parallel.AXIS)
         return total[0], total[1]  # one collective per program (see parallel.combine)
 
     batch = P(parallel.AXIS)
-    batch_stats = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), batch, batch, batch), out_specs=P(),
+    batch_stats = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), batch, batch, batch), out_specs=P(),
                                         check_vma=False))
 
-    def evaluate(params, x: np.ndarray, y: np.ndarray) -> dict:
-        params = parallel.replicate(mesh, params)
+    def evaluate(params, x: np.ndarray, y: np.ndarray, state: dict | None = None) -> dict:
+        params, state = parallel.replicate(mesh, (params, state or {}))
         totals = []
         for start in range(0, len(x), size):
             xb, yb = x[start:start + size], y[start:start + size]
@@ -535,7 +551,7 @@ def make_evaluator(net: Sequential, cfg: TrainConfig, largest: int, max_batch: i
             mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-            totals.append(batch_stats(params, *parallel.global_batch(mesh, np.arange(size), xb, yb, mask)))
+            totals.append(batch_stats(params, state, *parallel.global_batch(mesh, np.arange(size), xb, yb, mask)))
             parallel.pace(mesh, totals)
         loss, correct = np.sum(np.asarray(parallel.to_host(totals), np.float64), axis=0)
         return {"loss": float(loss) / len(x), "accuracy": float(correct) / len(x)}
@@ -611,7 +627,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
         if resume_from and history and epoch_end(history[-1]["epoch"]) == resume_from[1]["global_step"]:
             board.epoch(history[-1], epoch_end(history[-1]["epoch"]))  # a kill may have come before it was logged
 
-    def on_epoch(record, best_params, improved):
+    def on_epoch(record, best_params, improved, best_state):
         before = history[-1].get("skipped_steps", 0) if history else 0
         history.append(record)
         if "skipped_steps" in record and record["skipped_steps"] - before >= steps_per_epoch:
@@ -622,7 +638,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
             board.epoch(record, epoch_end(record["epoch"]))
         atomic_write(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in history))
         if improved:
-            save_model(out / "model.safetensors", net, best_params, prep.mean, {**meta, "epoch": record["epoch"]})
+            save_model(out / "model.safetensors", net, best_params, prep.mean, {**meta, "epoch": record["epoch"]},
+                       state=best_state)
         val = (f"  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}"
                if "val_loss" in record else "")
         if "cg_iterations" in record:  # a Newton iteration
@@ -675,7 +692,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                               for name, layer in zip(net.names, net.layers) if isinstance(layer, Conv)}}
     if main:
         save_model(out / "model.safetensors", net, result.params, prep.mean,
-                   {**meta, "epoch": result.best_epoch, "test": result.test})
+                   {**meta, "epoch": result.best_epoch, "test": result.test}, state=result.state)
         atomic_write(out / "summary.json", strict_json(summary, indent=2) + "\n")
         complete(out, history, result.step_losses)
     unit = "iteration" if cfg.optimizer == "newton" else "epoch"

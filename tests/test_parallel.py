@@ -30,6 +30,8 @@ def test_eight_devices_give_the_params_of_one():
     assert result["devices"] == 8 and result["steps"] == 20
     assert result["params_rel"] < 1e-5, result  # float32, after 20 steps of the same global batches
     assert result["augmented_rel"] < 1e-5, result  # with --augment crop,flip too
+    assert result["batch_norm_rel"] < 1e-5, result  # batch norm: statistics synchronised over the devices
+    assert result["batch_norm_state"] == ["bn1", "bn2"], result
     assert result["objective_rel"] < 1e-5, result
     assert result["test"][0] == result["test"][1], result
     assert result["error"] == ("batch size 30 is not divisible by the 8 devices it is split across; use a multiple "

@@ -306,3 +306,29 @@ def softmax_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
     (dx,) = _args.tangents_match("softmax_jvp", ("x",), (x,), (dx,))
     y = _softmax_forward(x)
     return y, jnp.zeros_like(y) if dx is None else _softmax_bwd(y, dx)[0]
+
+
+@jax.custom_vjp
+def _residual_add_hand(a, b):
+    return a + b
+
+
+_residual_add_hand.defvjp(lambda a, b: (a + b, None), lambda _, delta: (delta, delta))
+
+
+def residual_add(body: jax.Array, shortcut: jax.Array, *, grad: str = "hand") -> jax.Array:
+    """The join of a residual block, y = body + shortcut; hand backward: Delta to both branches unchanged (the
+    sum node of a computational graph, Sadeghzadeh), so the shortcut's cotangent is added to the body's at the
+    block's input (``jc.Residual``).
+
+    Args:
+      body, shortcut: the same shape and dtype.
+      grad: "hand" or "autodiff".
+    """
+    body, shortcut = _args.array("residual_add", "body", body), _args.array("residual_add", "shortcut", shortcut)
+    if body.shape != shortcut.shape:
+        raise ValueError(f"residual_add: body {tuple(body.shape)} and shortcut {tuple(shortcut.shape)} must have "
+                         f"the same shape")
+    _args.same_dtype("residual_add", body=body, shortcut=shortcut)
+    _args.choice("residual_add", "grad", grad, ("hand", "autodiff"))
+    return body + shortcut if grad == "autodiff" else _residual_add_hand(body, shortcut)
