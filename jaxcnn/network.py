@@ -94,12 +94,18 @@ class Layer:
     def stateful(self) -> bool:
         return False
 
+    @property
+    def random(self) -> bool:
+        """Whether the layer draws random numbers in training (dropout)."""
+        return False
+
     def apply(self, params: dict, x: jax.Array, *, grad: str, rule: str) -> jax.Array:
         raise NotImplementedError
 
     def forward(self, params: dict, state: dict, x: jax.Array, *, grad: str, rule: str, train: bool,
-                axis_name: str | None) -> tuple[jax.Array, dict]:
-        """``(output, new state)``; a layer without state is its ``apply``."""
+                axis_name: str | None, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """``(output, new state)``; a layer without state or randomness is its ``apply``. ``rng``: one PRNG key
+        per example (training with dropout)."""
         return self.apply(params, x, grad=grad, rule=rule), state
 
 
@@ -317,7 +323,7 @@ class BatchNorm(Layer):
     def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
         return ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, grad=self._grad(grad))[0]
 
-    def forward(self, params, state, x, *, grad, rule, train, axis_name):
+    def forward(self, params, state, x, *, grad, rule, train, axis_name, rng=None):
         if train:
             y, mean, var = ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, axis_name=axis_name,
                                           grad=self._grad(grad))
@@ -329,6 +335,42 @@ class BatchNorm(Layer):
         y = ops.batch_norm(x, params["gamma"], params["beta"], mean=state["mean"], var=state["var"], eps=self.eps,
                            grad=self._grad(grad))[0]
         return y, state
+
+
+@dataclass(frozen=True)
+class Dropout(Layer):
+    """``jc.dropout`` in training (each example's mask from its own key, so a batch split over devices draws the
+    same masks), the identity in evaluation (inverted dropout needs no rescaling there). ``apply``, the layer as a
+    function of its input alone, is the evaluation's identity."""
+
+    rate: float = 0.5
+    grad: str | None = None
+    type: ClassVar[str] = "dropout"
+
+    def __post_init__(self):
+        _check_mode(self.type, self.grad)
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate < 1:
+            raise ValueError(f"dropout: rate must be in [0, 1), got {self.rate!r}")
+
+    @property
+    def random(self) -> bool:
+        return True
+
+    def apply(self, params, x, *, grad, rule):
+        return x
+
+    def forward(self, params, state, x, *, grad, rule, train, axis_name, rng=None):
+        if not train or self.rate == 0:
+            return x, state
+        if rng is None:
+            raise ValueError("dropout in training needs random keys: rng= (one jax.random.key, or one per example)")
+        keys = jax.random.split(rng, x.shape[0]) if rng.ndim == 0 else rng
+        if keys.shape != (x.shape[0],):
+            raise ValueError(f"dropout: rng must be one key or one per example ({x.shape[0]}), got shape "
+                             f"{keys.shape}")
+        grad = self.grad or grad
+        drop = lambda xi, ki: ops.dropout(xi, self.rate, ki, grad="autodiff" if grad == "tangent" else grad)
+        return jax.vmap(drop)(x, keys), state
 
 
 @dataclass(frozen=True)
@@ -364,6 +406,10 @@ class Residual(Layer):
     @property
     def stateful(self) -> bool:
         return self.body.stateful
+
+    @property
+    def random(self) -> bool:
+        return self.body.random
 
     def shortcut(self, in_shape: Shape) -> Conv | None:
         """The projection for inputs of ``in_shape``, or None (identity)."""
@@ -404,10 +450,10 @@ class Residual(Layer):
     def apply(self, params, x, *, grad, rule):  # training mode (batch norm with batch statistics)
         return self.forward(params, None, x, grad=grad, rule=rule, train=True, axis_name=None)[0]
 
-    def forward(self, params, state, x, *, grad, rule, train, axis_name):
+    def forward(self, params, state, x, *, grad, rule, train, axis_name, rng=None):
         grad = self.grad or grad
         outs, new_state = self.body.forward({k: v for k, v in params.items() if k != "proj"}, x, grad=grad,
-                                            rule=rule, state=state, train=train, axis_name=axis_name)
+                                            rule=rule, state=state, train=train, axis_name=axis_name, rng=rng)
         proj = self.shortcut(tuple(x.shape[1:]))
         skip = x if proj is None else proj.apply(params["proj"], x, grad=grad, rule=rule)
         return ops.residual_add(outs[-1], skip, grad="autodiff" if grad == "tangent" else grad), new_state
@@ -490,7 +536,7 @@ class Custom(Layer):
 
 LAYER_TYPES: dict[str, type[Layer]] = {
     cls.type: cls for cls in (Conv, ConvReLUPool, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, LeakyReLU, ELU, GELU,
-                              Softmax, GlobalAvgPool, BatchNorm, Residual, Flatten, Dense)
+                              Softmax, GlobalAvgPool, BatchNorm, Dropout, Residual, Flatten, Dense)
 }
 
 
@@ -559,6 +605,11 @@ class Sequential:
         """Whether some layer carries state beside its params (batch norm's running averages)."""
         return any(layer.stateful for layer in self.layers)
 
+    @property
+    def random(self) -> bool:
+        """Whether some layer draws random numbers in training (dropout): ``forward`` then needs ``rng``."""
+        return any(layer.random for layer in self.layers)
+
     def init_state(self, input_shape: Shape) -> dict:
         """The state of a fresh network for inputs of shape ``input_shape``: each stateful layer's, by its params
         name (``{"bn1": {"mean": 0, "var": 1}, ...}``); ``{}`` for a network without state."""
@@ -575,16 +626,19 @@ class Sequential:
         return self.outputs(params, x, grad=grad, rule=rule, state=state)[-1]
 
     def outputs(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None,
-                state: dict | None = None, train: bool = False, axis_name: str | None = None) -> list[jax.Array]:
+                state: dict | None = None, train: bool = False, axis_name: str | None = None,
+                rng: jax.Array | None = None) -> list[jax.Array]:
         """Every layer's output, in order (the last is ``apply``'s result); see ``forward``."""
-        return self.forward(params, x, grad=grad, rule=rule, state=state, train=train, axis_name=axis_name)[0]
+        return self.forward(params, x, grad=grad, rule=rule, state=state, train=train, axis_name=axis_name,
+                            rng=rng)[0]
 
     def forward(self, params: dict, x: jax.Array, *, grad: str = "hand", rule: str | None = None,
-                state: dict | None = None, train: bool = False, axis_name: str | None = None
-                ) -> tuple[list[jax.Array], dict | None]:
+                state: dict | None = None, train: bool = False, axis_name: str | None = None,
+                rng: jax.Array | None = None) -> tuple[list[jax.Array], dict | None]:
         """``(every layer's output, new state)``. ``train=True``: batch norm normalises with the batch's
         statistics (shared over the devices of ``axis_name``) and, given ``state``, returns it with the running
-        averages updated (None without). ``train=False``: evaluation, with ``state``'s running averages."""
+        averages updated (None without); dropout draws its masks from ``rng`` (one key, or one per example; each
+        layer folds in its index). ``train=False``: evaluation, with ``state``'s running averages, no dropout."""
         _check_mode(self.name, grad, rule)
         if not train and state is None and self.stateful:
             raise ValueError(f"{self.name} has batch norm: evaluating it needs its running averages, state= (from "
@@ -599,10 +653,14 @@ class Sequential:
             if has_state and state is not None and name not in state:
                 raise ValueError(f"layer {i} ({describe(layer)}): state has no entry {name!r} (it has "
                                  f"{sorted(state)}); make it with {self.name}.init_state(input_shape)")
+            layer_rng = None
+            if rng is not None and layer.random:
+                layer_rng = jax.random.fold_in(rng, i) if rng.ndim == 0 else \
+                    jax.vmap(jax.random.fold_in, (0, None))(rng, i)
             try:
                 x, layer_state = layer.forward(params[name] if name else {},
                                                state[name] if has_state and state is not None else None, x,
-                                               grad=grad, rule=rule, train=train, axis_name=axis_name)
+                                               grad=grad, rule=rule, train=train, axis_name=axis_name, rng=layer_rng)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"layer {i} ({describe(layer)}): {err}") from None
             if has_state and new_state is not None:

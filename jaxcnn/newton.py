@@ -164,6 +164,9 @@ def fit(net: Sequential, prep, cfg, *, on_epoch: Callable | None = None, checkpo
                          "itself can be data-parallel (jaxcnn.second_order.gauss_newton_product(axis_name=...))")
     train.check_network(net, prep.input_shape, prep.classes)
     second_order.check_stateless(net)
+    if net.random:
+        raise ValueError(f"{net.name} has dropout: the newton optimizer's line search and Gauss-Newton products need "
+                         f"a deterministic objective; remove the dropout layers or use a first-order optimizer")
     examples = len(prep.x_fit)
     C = objective_c(cfg, examples)
     x_fit, y_fit = jnp.asarray(prep.x_fit), jnp.asarray(prep.y_fit)

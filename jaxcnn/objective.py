@@ -47,7 +47,8 @@ def cast(tree, dtype):
 
 def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss: str = "ce",
               C: float | None = None, grad: str = "hand", rule: str | None = None, label_smoothing: float = 0.0,
-              compute_dtype=None, state: dict | None = None, axis_name: str | None = None):
+              compute_dtype=None, state: dict | None = None, axis_name: str | None = None,
+              rng: jax.Array | None = None):
     """f(theta) on a batch (Lin eq. 1-2). Returns ``(f, aux)`` with ``aux = {"loss": the batch-mean data term,
     "correct": number of correctly classified examples, "finite": whether each layer's output is free of NaN and
     Inf}`` (for ``jax.value_and_grad(..., has_aux=True)``). ``label_smoothing`` epsilon > 0 trains on the targets
@@ -55,10 +56,10 @@ def objective(params, net: Sequential, x: jax.Array, labels: jax.Array, *, loss:
     of ``params`` and ``x``, while the loss (the loss ops evaluate in float32), the regulariser and the gradients
     stay in the params' dtype (mixed precision). Batch norm runs in training mode (the batch's statistics, shared
     over the devices of ``axis_name``); given ``state``, ``aux["state"]`` holds it with the running averages
-    updated."""
+    updated. Dropout draws its masks from ``rng`` (see ``Sequential.forward``)."""
     check(loss, C)
     outputs, new_state = net.forward(cast(params, compute_dtype), cast(x, compute_dtype), grad=grad, rule=rule,
-                                     state=state, train=True, axis_name=axis_name)
+                                     state=state, train=True, axis_name=axis_name, rng=rng)
     logits = outputs[-1]
     targets = (smoothed(labels, logits.shape[-1], label_smoothing).astype(jnp.promote_types(logits.dtype, jnp.float32))
                if label_smoothing else labels)

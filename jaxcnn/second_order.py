@@ -69,7 +69,7 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
 
         dx = jnp.zeros_like(x) if dx is None else dx
         return jax.jvp(f, (p, x), ({k: dp[k] for k in p}, dx))
-    if isinstance(layer, nw.Flatten):
+    if isinstance(layer, (nw.Flatten, nw.Dropout)):  # dropout: the identity of evaluation
         y = layer.apply(p, x, grad=grad, rule=rule)
         return y, jnp.zeros_like(y) if dx is None else dx.reshape(y.shape)
     if isinstance(layer, nw.Residual):  # d(body(x) + shortcut(x)) = J_body dx + J_shortcut dx, both by hand rules

@@ -429,15 +429,20 @@ def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfi
     kinds = augmentation.parse(cfg.augment, cfg.dataset)
 
     def local(params, opt_state, state, guard, x, y):
-        if kinds:  # each example's draw keyed by the global step and its place in the global batch
-            index = lax.axis_index(parallel.AXIS) * x.shape[0] + jnp.arange(x.shape[0])
+        # each example's random draws keyed by the seed, the global step and its place in the global batch
+        index = lax.axis_index(parallel.AXIS) * x.shape[0] + jnp.arange(x.shape[0])
+        if kinds:
             key = jax.random.fold_in(jax.random.key(cfg.seed + 0x5EED), guard["count"])
             padding = cfg.crop_padding or augmentation.default_padding(x.shape[1:3])
             x = augmentation.augment(x, key, index, kinds, padding)
+        rng = None
+        if net.random:  # dropout
+            key = jax.random.fold_in(jax.random.key(cfg.seed + 0xD80), guard["count"])
+            rng = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
         (value, aux), grads = jax.value_and_grad(obj.objective, has_aux=True)(
             params, net, x, y, loss=cfg.loss, C=cfg.C, grad=cfg.grad, rule=cfg.op_rule,
             label_smoothing=cfg.label_smoothing, compute_dtype=cfg.compute_dtype, state=state,
-            axis_name=parallel.AXIS)
+            axis_name=parallel.AXIS, rng=rng)
         new_state = aux.pop("state")  # the same on every device: the statistics are synchronised
         # The mean over devices of the shard means is the whole batch's objective and gradient.
         value, grads, aux = parallel.combine(mesh, value, grads, aux)

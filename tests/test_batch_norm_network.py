@@ -1,5 +1,6 @@
-"""Batch norm in networks: training and evaluation modes and the running averages against NumPy, hand = autodiff
-(gradcheck), state through training, checkpoints, --resume (bit-identical), evaluate; second order refuses it."""
+"""Batch norm (and dropout) in networks: training and evaluation modes and the running averages against NumPy,
+hand = autodiff (gradcheck), state through training, checkpoints, --resume (bit-identical), evaluate; second
+order refuses it."""
 
 import json
 
@@ -25,6 +26,9 @@ type = "batch_norm"
 type = "relu"
 [[layers]]
 type = "max_pool"
+[[layers]]
+type = "dropout"
+rate = 0.1
 [[layers]]
 type = "flatten"
 [[layers]]
@@ -76,7 +80,8 @@ def test_a_resumed_run_with_batch_norm_is_bit_identical_and_evaluate_reproduces_
         train.run(NET, cfg, tmp_path / "b", **options)
     monkeypatch.undo()
     train.resume_run(tmp_path / "b", progress=False, log=lambda s: None)
-    assert_same_run(tmp_path / "a", tmp_path / "b")  # params, optimizer state, running averages, best ones
+    assert_same_run(tmp_path / "a", tmp_path / "b")  # params, optimizer state, running averages, best ones;
+    # dropout's masks keyed by the seed, step and example: the resumed run draws the same
     model = checkpoint.load_model(tmp_path / "b")
     assert set(model.state) == {"bn1"} and float(jnp.abs(model.state["bn1"]["mean"]).max()) > 0
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())

@@ -100,3 +100,20 @@ def test_hand_and_autodiff_train_a_network_of_them_alike():
     hand, auto = runs["hand"].step_losses, runs["autodiff"].step_losses
     assert np.max(np.abs(hand - auto) / np.abs(auto)) < 1e-3
     assert runs["hand"].history[-1]["train_objective"] < 0.8 * runs["hand"].history[0]["train_objective"]
+
+
+def test_dropout_layer_draws_per_example_masks_in_training_only():
+    """Evaluation is the identity; in training each example's mask depends on its own key only, so a batch split
+    in two (as over two devices) gets the same masks; training without keys is an error that says what to pass."""
+    net = jc.Sequential([jc.Flatten(), jc.Dropout(0.5), jc.Dense(3)])
+    params = net.init(jax.random.key(0), (2, 2, 1))
+    x = jax.random.normal(jax.random.key(1), (6, 2, 2, 1), jnp.float32)
+    keys = jax.random.split(jax.random.key(2), 6)
+    np.testing.assert_array_equal(net.apply(params, x), jc.Sequential([jc.Flatten(), jc.Dense(3)]).apply(params, x))
+    whole = net.outputs(params, x, train=True, rng=keys)[1]
+    halves = [net.outputs(params, x[i:i + 3], train=True, rng=keys[i:i + 3])[1] for i in (0, 3)]
+    np.testing.assert_array_equal(whole, np.concatenate(halves))
+    assert 0 < float(jnp.mean(whole == 0)) < 1
+    with pytest.raises(ValueError, match="dropout in training needs random keys: rng="):
+        net.outputs(params, x, train=True)
+    assert jc.Sequential.from_config(net.to_config()) == net and net.random

@@ -31,7 +31,7 @@ from jaxcnn.ops.loss import (
     squared_error_gn,
     squared_error_jvp,
 )
-from jaxcnn.ops.norm import batch_norm
+from jaxcnn.ops.norm import batch_norm, dropout
 from jaxcnn.ops.pool import (
     avg_pool2d,
     avg_pool2d_jvp,
@@ -58,6 +58,7 @@ __all__ = [
     "conv_relu_pool_jvp",
     "dense",
     "dense_jvp",
+    "dropout",
     "elu",
     "elu_jvp",
     "gelu",

@@ -178,3 +178,50 @@ def _eval_bwd(eps, saved, delta):
 
 
 _eval_hand.defvjp(_eval_fwd, _eval_bwd)
+
+
+def _keep_mask(key: jax.Array, rate: float, shape, dtype) -> jax.Array:
+    """1 / (1 - rate) where an entry is kept (probability 1 - rate), else 0: inverted dropout's scaled mask."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.zeros((), dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dropout_hand(x, key, rate):
+    return x * _keep_mask(key, rate, x.shape, x.dtype)
+
+
+def _dropout_fwd(x, key, rate):
+    return x * _keep_mask(key, rate, x.shape, x.dtype), key  # the key, not the mask: it is drawn again
+
+
+def _dropout_bwd(rate, key, delta):
+    return delta * _keep_mask(key, rate, delta.shape, delta.dtype), None
+
+
+_dropout_hand.defvjp(_dropout_fwd, _dropout_bwd)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array, *, grad: str = "hand") -> jax.Array:
+    """Inverted dropout: y = x (.) m / (1 - rate), m_i ~ Bernoulli(1 - rate) drawn from ``key``, so that E[y] = x
+    and evaluation needs no rescaling (it is the identity there). y is linear in x with the diagonal Jacobian
+    diag(m) / (1 - rate), so the hand backward is the same mask: dx = Delta (.) m / (1 - rate). It stores the key,
+    not the mask, and draws the mask again (Lin's spirit: keep what the backward needs, as small as it can be).
+
+    Args:
+      x: any shape, floating point.
+      rate: the probability of dropping an entry, in [0, 1).
+      key: a JAX PRNG key (``jax.random.key``); the same key gives the same mask.
+      grad: "hand" or "autodiff".
+    """
+    x = _args.array("dropout", "x", x)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"dropout: rate must be in [0, 1), got {rate!r}")
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()):
+        raise TypeError(f"dropout: key must be one PRNG key from jax.random.key, got "
+                        f"{getattr(key, 'dtype', type(key).__name__)} {getattr(key, 'shape', '')}")
+    _args.choice("dropout", "grad", grad, ("hand", "autodiff"))
+    if rate == 0:
+        return x
+    return x * _keep_mask(key, float(rate), x.shape, x.dtype) if grad == "autodiff" else \
+        _dropout_hand(x, key, float(rate))

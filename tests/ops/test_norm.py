@@ -130,3 +130,31 @@ def test_synchronised_statistics_over_a_mapped_axis_equal_the_whole_batch(grad):
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=f"batch_norm: {match}"):
         call(jnp.ones((2, 2, 2, 3)), jnp.ones(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_hand_equals_autodiff_and_keeps_the_expectation(dtype):
+    x = normal(rng, (64, 5, 5, 4), dtype)
+    key = jax.random.key(3)
+    results = {}
+    for grad in ("hand", "autodiff"):
+        y, pullback = jax.vjp(lambda x, grad=grad: jc.dropout(x, 0.25, key, grad=grad), x)
+        results[grad] = (y, pullback(jnp.ones_like(y))[0])
+    for a, b in zip(results["hand"], results["autodiff"]):
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    scale = np.asarray(results["hand"][1], np.float64)  # dy/dx: the scaled mask m / (1 - rate)
+    np.testing.assert_array_equal(np.unique(scale), np.array([0, 4 / 3], dtype).astype(np.float64))
+    assert abs(np.mean(scale == 0) - 0.25) < 0.02
+    assert abs(float(np.mean(scale)) - 1.0) < 0.03  # E[y] = x
+
+
+def test_dropout_keys_masks_and_errors():
+    x = jnp.ones((8, 10))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    np.testing.assert_array_equal(jc.dropout(x, 0.5, k1), jc.dropout(x, 0.5, k1))  # the same key, the same mask
+    assert not np.array_equal(jc.dropout(x, 0.5, k1), jc.dropout(x, 0.5, k2))
+    np.testing.assert_array_equal(jc.dropout(x, 0.0, k1), x)
+    with pytest.raises(ValueError, match=r"dropout: rate must be in \[0, 1\), got 1.0"):
+        jc.dropout(x, 1.0, k1)
+    with pytest.raises(TypeError, match=r"dropout: key must be one PRNG key from jax\.random\.key"):
+        jc.dropout(x, 0.5, jax.random.split(k1, 2))
