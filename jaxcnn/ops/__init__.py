@@ -20,7 +20,7 @@ from jaxcnn.ops.activation import (
     tanh,
     tanh_jvp,
 )
-from jaxcnn.ops.block import conv_relu_pool, conv_relu_pool_jvp
+from jaxcnn.ops.block import conv_bn_relu, conv_relu_pool, conv_relu_pool_jvp
 from jaxcnn.ops.conv import conv2d, conv2d_jvp
 from jaxcnn.ops.dense import dense, dense_jvp
 from jaxcnn.ops.loss import (
@@ -54,6 +54,7 @@ __all__ = [
     "batch_norm",
     "conv2d",
     "conv2d_jvp",
+    "conv_bn_relu",
     "conv_relu_pool",
     "conv_relu_pool_jvp",
     "dense",

@@ -23,7 +23,7 @@ from functools import partial
 
 import jax
 
-from jaxcnn.ops import _args, _tangent, conv
+from jaxcnn.ops import _args, _tangent, conv, norm
 from jaxcnn.ops._windows import Window
 from jaxcnn.ops.activation import passed, relu_forward
 from jaxcnn.ops.pool import max_forward, max_with_index, pick, route
@@ -122,3 +122,68 @@ def _block_hand_bwd(rule, window, pool_window, store_phi, res, delta):
 
 
 _block_hand.defvjp(_block_hand_fwd, _block_hand_bwd)
+
+
+def conv_bn_relu(x: jax.Array, w: jax.Array, gamma: jax.Array, beta: jax.Array, *, stride=1, padding=0, dilation=1,
+                 eps: float = 1e-5, axis_name: str | None = None, grad: str = "hand", rule: str | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``relu(batch_norm(conv2d(x, w), gamma, beta))`` in training mode as one op, in the spirit of Lin's block:
+    its hand backward keeps only the block's input Z^m and output y (and per-channel statistics), where the chain
+    keeps Z^m, x_hat (conv-output size, for batch norm) and y (for the ReLU):
+
+        Delta_hat = Delta (.) I[y > 0]                          the ReLU mask, read from the output (Lin eq. 24)
+        S = W phi(pad(Z^m)), x_hat = (S - mu) / sigma           recomputed from Z^m: one convolution
+        dS = (1/sigma) (g - mean(g) - x_hat mean(g x_hat)),  g = gamma Delta_hat    batch norm's compact form
+        dW, dZ^m from dS                                        eq. (12), (18) or the flip rule, as conv2d
+
+    It trades one convolution in the backward for a conv-output-sized array less in memory. The conv has no bias
+    (batch norm subtracts it again). Returns ``(y, mean, var)`` as ``batch_norm`` (the batch's statistics, for the
+    running averages). Arguments as ``conv2d`` and ``batch_norm``; ``grad``: "hand" or "autodiff" (the chain).
+    """
+    op = "conv_bn_relu"
+    x, w, _, window = conv.check(op, x, w, None, stride, padding, dilation)
+    c = w.shape[-1]
+    gamma = _args.array(op, "gamma", gamma, rank=1, layout="[C_out]")
+    beta = _args.array(op, "beta", beta, rank=1, layout="[C_out]")
+    if gamma.shape != (c,) or beta.shape != (c,):
+        raise ValueError(f"{op}: gamma and beta must have shape ({c},), one entry per output channel, got "
+                         f"{tuple(gamma.shape)} and {tuple(beta.shape)}")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
+    _args.choice(op, "grad", grad, ("hand", "autodiff"))
+    rule, _ = conv.resolve(op, rule, False)
+    conv.check_size(op, x, w, window, rule, False)
+    if grad == "autodiff":
+        return _bn_relu_forward(conv.forward(window, False, x, w, None)[0], gamma, beta, float(eps), axis_name)
+    return _conv_bn_relu_hand(rule, window, float(eps), axis_name, x, w, gamma, beta)
+
+
+def _bn_relu_forward(s, gamma, beta, eps, axis_name):
+    y, mean, var = norm.batch_norm(s, gamma, beta, eps=eps, axis_name=axis_name, grad="autodiff")
+    return relu_forward(y), mean, var
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _conv_bn_relu_hand(rule, window, eps, axis_name, x, w, gamma, beta):
+    return _bn_relu_forward(conv.forward(window, False, x, w, None)[0], gamma, beta, eps, axis_name)
+
+
+def _conv_bn_relu_fwd(rule, window, eps, axis_name, x, w, gamma, beta):
+    y, mean, var = _bn_relu_forward(conv.forward(window, False, x, w, None)[0], gamma, beta, eps, axis_name)
+    return (y, mean, var), (x, w, gamma, beta, y)
+
+
+def _conv_bn_relu_bwd(rule, window, eps, axis_name, res, cotangents):
+    x, w, gamma, beta, y = res
+    delta, dmean, dvar = cotangents
+    # recomputed: S (and so x_hat) is not stored. The barrier keeps XLA from merging this convolution with the
+    # forward pass's (common subexpressions), which would keep S alive from the forward pass after all.
+    s = conv.forward(window, False, *jax.lax.optimization_barrier((x, w)), None)[0]
+    delta = delta * passed(y)  # the ReLU mask from the output
+    _, pullback = jax.vjp(lambda s, g, b: norm.batch_norm(s, g, b, eps=eps, axis_name=axis_name), s, gamma, beta)
+    ds, dgamma, dbeta = pullback((delta, dmean, dvar))  # batch norm's hand rule (the compact form)
+    dx, dw, _ = conv.backward(rule, window, x, w, ds)
+    return dx, dw, dgamma, dbeta
+
+
+_conv_bn_relu_hand.defvjp(_conv_bn_relu_fwd, _conv_bn_relu_bwd)
