@@ -416,7 +416,8 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
     net = nw.preset(preset)
     params, x, y = _inputs(net, input_shape, batch, dtype, seed)
     runners: dict[str, Callable] = {}
-    if variants is None:
+    everything = variants is None  # this library's variants, and Flax's and PyTorch's baselines
+    if everything:
         from jaxcnn import autotune
 
         variants = jax_variants(net)
@@ -424,7 +425,7 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         variants["hand auto"] = lambda p, x, y: obj.objective(p, tuned, x, y)[0]  # rule="auto"
     for name, loss in variants.items():
         runners[name] = JaxStep(loss, params, x, y)
-    model = flax_model(net) if variants is None else None
+    model = flax_model(net) if everything else None
     if model is not None:
         import flax
 
@@ -434,7 +435,7 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         flax_params = jax.tree_util.tree_map(lambda a: a.astype(dtype), model.init(jax.random.key(seed), x))
         runners["flax"] = JaxStep(loss, flax_params, x, y)
         runners["flax"].note = f"flax {flax.__version__} linen"
-    if variants is None and torch and (dtype == jnp.float32 or jax.default_backend() != "cpu"):
+    if everything and torch and (dtype == jnp.float32 or jax.default_backend() != "cpu"):
         for channels_last in (False, True):
             step = torch_step(net, input_shape, batch, channels_last, dtype)
             if step is not None:
