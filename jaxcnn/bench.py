@@ -154,9 +154,24 @@ def xla_apply(net: nw.Sequential, params: dict, x: jax.Array) -> jax.Array:
             x = x @ p["w"] + p["b"] if "b" in p else x @ p["w"]
         elif isinstance(layer, nw.Flatten):
             x = x.reshape(x.shape[0], -1)
+        elif isinstance(layer, nw.BatchNorm):  # training mode: the batch's statistics
+            axes = tuple(range(x.ndim - 1))
+            mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+            x = p["gamma"] * (x - mean) * lax.rsqrt(var + layer.eps) + p["beta"]
+        elif isinstance(layer, nw.Residual):
+            proj = layer.shortcut(tuple(x.shape[1:]))
+            skip = x if proj is None else xla_apply(nw.Sequential([proj]), {"conv1": p["proj"]}, x)
+            x = xla_apply(layer.body, p, x) + skip
+        elif isinstance(layer, nw.Dropout):
+            pass  # the identity of evaluation: benchmarks time networks without it
         else:
-            x = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh}[layer.type](x)
+            x = XLA_ELEMENTWISE[layer.type](x, **layer.settings())
     return x
+
+
+XLA_ELEMENTWISE = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh,
+                   "leaky_relu": jax.nn.leaky_relu, "elu": jax.nn.elu, "gelu": jax.nn.gelu,
+                   "softmax": jax.nn.softmax, "global_avg_pool": lambda x: jnp.mean(x, axis=(1, 2))}
 
 
 def with_store_phi(net: nw.Sequential, store_phi: bool | None) -> nw.Sequential:
@@ -323,9 +338,19 @@ def flax_model(net: nw.Sequential):
         return None
 
     class Model(fnn.Module):
+        layers: tuple = net.layers
+
         @fnn.compact
         def __call__(self, x):
-            for layer in net.layers:
+            for layer in self.layers:
+                if isinstance(layer, nw.BatchNorm):  # training mode (apply with mutable=["batch_stats"])
+                    x = fnn.BatchNorm(use_running_average=False, momentum=layer.momentum, epsilon=layer.eps)(x)
+                    continue
+                if isinstance(layer, nw.Residual):
+                    proj = layer.shortcut(tuple(x.shape[1:]))
+                    skip = x if proj is None else fnn.Conv(proj.features, (1, 1), proj.stride, use_bias=False)(x)
+                    x = Model(layer.layers)(x) + skip
+                    continue
                 if isinstance(layer, nw.Conv):
                     win = layer.geometry(x.shape[1:])
                     x = fnn.Conv(layer.features, win.size, win.stride, list(win.padding),
@@ -341,11 +366,20 @@ def flax_model(net: nw.Sequential):
                     x = fnn.Dense(layer.features, use_bias=layer.bias)(x)
                 elif isinstance(layer, nw.Flatten):
                     x = x.reshape(x.shape[0], -1)
-                else:
-                    x = {"relu": fnn.relu, "sigmoid": fnn.sigmoid, "tanh": jnp.tanh}[layer.type](x)
+                elif not isinstance(layer, nw.Dropout):
+                    x = XLA_ELEMENTWISE[layer.type](x, **layer.settings())
             return x
 
     return Model()
+
+
+def flax_loss(model, stateful: bool) -> Callable:
+    """loss(variables, x, y) of a Flax linen model; with batch norm, in training mode (its batch_stats mutable,
+    their update discarded: the timing is the same)."""
+    def logits(variables, x):
+        return model.apply(variables, x, mutable=["batch_stats"])[0] if stateful else model.apply(variables, x)
+
+    return lambda v, x, y: optax.softmax_cross_entropy_with_integer_labels(logits(v, x), y).mean()
 
 
 def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool, dtype=jnp.float32) -> Callable | None:
@@ -429,7 +463,7 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
     if model is not None:
         import flax
 
-        loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+        loss = flax_loss(model, net.stateful)
         # Linen keeps float32 parameters and promotes a bfloat16 batch to them: cast them, so that Flax computes
         # in the step's dtype like every other variant.
         flax_params = jax.tree_util.tree_map(lambda a: a.astype(dtype), model.init(jax.random.key(seed), x))

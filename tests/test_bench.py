@@ -32,6 +32,14 @@ def test_xla_baseline_computes_our_network():
     np.testing.assert_allclose(bench.xla_apply(NET, params, x), NET.apply(params, x), rtol=1e-12, atol=1e-14)
 
 
+def test_xla_baseline_computes_a_residual_network_with_batch_norm_in_training_mode():
+    net = jc.preset("resnet-small")
+    params = net.init(jax.random.key(0), (10, 10, 1), dtype=jnp.float64)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 10, 10, 1)))
+    np.testing.assert_allclose(bench.xla_apply(net, params, x), net.outputs(params, x, train=True)[-1], rtol=1e-11,
+                               atol=1e-13)
+
+
 def test_flax_mirror_has_our_shapes():
     if importlib.util.find_spec("flax") is None:
         pytest.skip("flax is the optional 'bench' extra")
@@ -40,6 +48,11 @@ def test_flax_mirror_has_our_shapes():
     variables = model.init(jax.random.key(0), x)
     assert model.apply(variables, x).shape == (2, 3)
     assert sum(a.size for a in jax.tree_util.tree_leaves(variables)) == NET.num_params(SHAPE)
+    resnet = jc.preset("resnet-small")
+    model = bench.flax_model(resnet)
+    variables = model.init(jax.random.key(0), x)
+    assert sum(a.size for a in jax.tree_util.tree_leaves(variables["params"])) == resnet.num_params(SHAPE)
+    assert bench.flax_loss(model, True)(variables, x, jnp.array([0, 1])).shape == ()
 
 
 def test_torch_mirror_runs_a_step():
