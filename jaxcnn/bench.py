@@ -142,6 +142,9 @@ def xla_apply(net: nw.Sequential, params: dict, x: jax.Array) -> jax.Array:
             if isinstance(layer, nw.ConvReLUPool):
                 k = layer.pool_geometry().size
                 x = lax.reduce_window(jax.nn.relu(x), -jnp.inf, lax.max, (1, *k, 1), (1, *k, 1), "VALID")
+            if isinstance(layer, nw.ConvBNReLU):
+                bn = nw.BatchNorm(layer.momentum, layer.eps)
+                x = jax.nn.relu(xla_apply(nw.Sequential([bn]), {"bn1": p}, x))
         elif isinstance(layer, nw.MaxPool):  # and AvgPool
             win = layer.geometry(x.shape[1:])
             pads = ((0, 0), *win.padding, (0, 0))
@@ -358,6 +361,9 @@ def flax_model(net: nw.Sequential):
                     if isinstance(layer, nw.ConvReLUPool):
                         k = layer.pool_geometry().size
                         x = fnn.max_pool(fnn.relu(x), k, k)
+                    if isinstance(layer, nw.ConvBNReLU):
+                        x = fnn.relu(fnn.BatchNorm(use_running_average=False, momentum=layer.momentum,
+                                                   epsilon=layer.eps)(x))
                 elif isinstance(layer, nw.MaxPool):
                     win = layer.geometry(x.shape[1:])
                     f = fnn.avg_pool if isinstance(layer, nw.AvgPool) else fnn.max_pool
@@ -385,6 +391,10 @@ def flax_loss(model, stateful: bool) -> Callable:
 def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool, dtype=jnp.float32) -> Callable | None:
     """The same step in PyTorch eager (None without torch); NCHW, or NHWC memory ("channels_last"); on CUDA when
     JAX runs on a GPU (and torch sees one), else on the CPU. Each call waits for the device to finish."""
+    mirrored = (nw.Conv, nw.ConvReLUPool, nw.ConvBNReLU, nw.MaxPool, nw.AvgPool, nw.Dense, nw.Flatten, nw.ReLU,
+                nw.Sigmoid, nw.Tanh)
+    if any(type(layer) not in mirrored for layer in net.layers):
+        return None  # no PyTorch mirror of batch norm layers, residual blocks and the newer activations yet
     try:
         import torch
     except ImportError:
@@ -406,6 +416,8 @@ def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool,
                                           bias=layer.bias))
             if isinstance(layer, nw.ConvReLUPool):
                 layers += [torch.nn.ReLU(), torch.nn.MaxPool2d(layer.pool_geometry().size)]
+            if isinstance(layer, nw.ConvBNReLU):
+                layers += [torch.nn.BatchNorm2d(layer.features, layer.eps, 1 - layer.momentum), torch.nn.ReLU()]
         elif isinstance(layer, nw.MaxPool):
             win = layer.geometry(shape)
             (top, bottom), (left, right) = win.padding

@@ -320,6 +320,10 @@ class BatchNorm(Layer):
         grad = self.grad or grad
         return "autodiff" if grad == "tangent" else grad
 
+    def update(self, running: jax.Array, batch: jax.Array) -> jax.Array:
+        """running = momentum running + (1 - momentum) batch (no gradient flows into the state)."""
+        return (self.momentum * running + (1 - self.momentum) * jax.lax.stop_gradient(batch)).astype(running.dtype)
+
     def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
         return ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, grad=self._grad(grad))[0]
 
@@ -329,12 +333,69 @@ class BatchNorm(Layer):
                                           grad=self._grad(grad))
             if state is None:
                 return y, None
-            update = lambda old, new: (self.momentum * old + (1 - self.momentum) * jax.lax.stop_gradient(new)
-                                       ).astype(old.dtype)
-            return y, {"mean": update(state["mean"], mean), "var": update(state["var"], var)}
+            return y, {"mean": self.update(state["mean"], mean), "var": self.update(state["var"], var)}
         y = ops.batch_norm(x, params["gamma"], params["beta"], mean=state["mean"], var=state["var"], eps=self.eps,
                            grad=self._grad(grad))[0]
         return y, state
+
+
+@dataclass(frozen=True)
+class ConvBNReLU(Conv):
+    """``jc.conv_bn_relu``: convolution (no bias), batch norm, ReLU as one layer whose training backward keeps only
+    its input and output (the fused block); params ``w``, ``gamma``, ``beta`` and state ``mean``, ``var`` under one
+    name. In evaluation it is the chain with the running averages."""
+
+    bias: bool = False
+    momentum: float = 0.9
+    eps: float = 1e-5
+    type: ClassVar[str] = "conv_bn_relu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bias:
+            raise ValueError("conv_bn_relu: bias must be False (batch norm subtracts it again; beta is the shift)")
+        BatchNorm(self.momentum, self.eps)  # checks them
+
+    def param_shapes(self, in_shape):
+        c = self.features
+        return {**super().param_shapes(in_shape), "gamma": (c,), "beta": (c,)}
+
+    def state_shapes(self, in_shape):
+        return {"mean": (self.features,), "var": (self.features,)}
+
+    @property
+    def stateful(self) -> bool:
+        return True
+
+    def init_params(self, key: jax.Array, in_shape: Shape, dtype) -> dict:
+        conv = Conv(self.features, self.kernel, self.stride, self.padding, self.dilation, bias=False, init=self.init)
+        w = Sequential([conv]).init(key, in_shape, dtype)["conv1"]["w"]
+        return {"w": w, "gamma": jnp.ones(self.features, dtype), "beta": jnp.zeros(self.features, dtype)}
+
+    def init_state(self, in_shape: Shape) -> dict:
+        return BatchNorm().init_state((self.features,))
+
+    def _grad(self, grad: str) -> str:
+        grad = self.grad or grad
+        return "autodiff" if grad == "tangent" else grad
+
+    def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
+        return self.forward(params, None, x, grad=grad, rule=rule, train=True, axis_name=None)[0]
+
+    def forward(self, params, state, x, *, grad, rule, train, axis_name, rng=None):
+        if not train:
+            s = ops.conv2d(x, params["w"], stride=self.stride, padding=self.padding, dilation=self.dilation,
+                           grad=self._grad(grad), rule=self.rule or rule)
+            y = ops.batch_norm(s, params["gamma"], params["beta"], mean=state["mean"], var=state["var"],
+                               eps=self.eps, grad=self._grad(grad))[0]
+            return ops.relu(y, grad=self._grad(grad)), state
+        y, mean, var = ops.conv_bn_relu(x, params["w"], params["gamma"], params["beta"], stride=self.stride,
+                                        padding=self.padding, dilation=self.dilation, eps=self.eps,
+                                        axis_name=axis_name, grad=self._grad(grad), rule=self.rule or rule)
+        if state is None:
+            return y, None
+        bn = BatchNorm(self.momentum, self.eps)
+        return y, {k: bn.update(state[k], new) for k, new in (("mean", mean), ("var", var))}
 
 
 @dataclass(frozen=True)
@@ -535,8 +596,8 @@ class Custom(Layer):
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {
-    cls.type: cls for cls in (Conv, ConvReLUPool, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, LeakyReLU, ELU, GELU,
-                              Softmax, GlobalAvgPool, BatchNorm, Dropout, Residual, Flatten, Dense)
+    cls.type: cls for cls in (Conv, ConvReLUPool, ConvBNReLU, MaxPool, AvgPool, ReLU, Sigmoid, Tanh, LeakyReLU, ELU,
+                              GELU, Softmax, GlobalAvgPool, BatchNorm, Dropout, Residual, Flatten, Dense)
 }
 
 
