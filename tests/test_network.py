@@ -176,5 +176,9 @@ def test_presets():
     assert cifar.shapes((32, 32, 3))[-1] == (10,)
     assert jc.preset("lenet5").shapes((32, 32, 3))[-1] == (10,)
     assert jc.preset("vgg-small").shapes((32, 32, 3))[-1] == (10,)
-    with pytest.raises(ValueError, match="unknown preset 'resnet'; available: digits-cnn"):
+    for name in ("resnet-small", "cifar-bn"):  # global pooling heads: any image size, batch norm state
+        net = jc.preset(name)
+        assert net.stateful and all(net.shapes(shape)[-1] == (10,) for shape in ((32, 32, 3), (28, 28, 1), (8, 8, 1)))
+    assert [type(layer).__name__ for layer in jc.preset("resnet-small").layers].count("Residual") == 3
+    with pytest.raises(ValueError, match="unknown preset 'resnet'; available: cifar-bn, digits-cnn"):
         jc.preset("resnet")
