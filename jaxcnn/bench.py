@@ -58,11 +58,21 @@ class Measurement:
 def count_flops(net: nw.Sequential, input_shape, batch: int) -> int:
     """FLOPs of one training step's matrix products, counted as in Lin's complexity section: for each conv layer
     W phi(pad(Z)), Delta phi^T and W^T Delta (2 I d_next h h d a_conv b_conv each), for each dense layer the same
-    three products. The first layer's W^T Delta (the input gradient) is not needed and not counted."""
+    three products. The first layer's W^T Delta (the input gradient) is not needed and not counted. A residual
+    block counts its body's layers and its projection."""
+    return _count(net, tuple(input_shape), batch, first=True)[0]
+
+
+def _count(net: nw.Sequential, input_shape, batch: int, first: bool) -> tuple[int, bool]:
     shapes = [tuple(input_shape), *net.shapes(input_shape)]
     total = 0
-    first = True
     for layer, shape_in, shape_out in zip(net.layers, shapes, shapes[1:]):
+        if isinstance(layer, nw.Residual):
+            proj = layer.shortcut(shape_in)
+            body, first_after = _count(layer.body, shape_in, batch, first)
+            total += body + (_count(nw.Sequential([proj]), shape_in, batch, first)[0] if proj else 0)
+            first = first_after
+            continue
         if isinstance(layer, nw.Conv):
             win = layer.geometry(shape_in)
             ho, wo = win.out_hw(shape_in[:2])
@@ -73,7 +83,7 @@ def count_flops(net: nw.Sequential, input_shape, batch: int) -> int:
             continue
         total += 2 * macs * (2 if first else 3)
         first = False
-    return total
+    return total, first
 
 
 def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int) -> dict[str, float]:

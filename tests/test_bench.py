@@ -26,6 +26,15 @@ def test_flops_of_simplenn_mnist_are_the_hand_count():
     assert round((conv1 + conv2 + conv3 + dense) / 1e9, 2) == 4.49
 
 
+def test_flops_count_the_layers_inside_residual_blocks():
+    body = [jc.Conv(8, 3, stride=2, padding=1), jc.ReLU(), jc.Conv(8, 3, padding=1)]
+    stem = jc.Conv(4, 3, padding=1)
+    with_block = jc.Sequential([stem, jc.Residual(body), jc.GlobalAvgPool(), jc.Dense(3)])
+    chain = jc.Sequential([stem, *body, jc.GlobalAvgPool(), jc.Dense(3)])
+    projection = 2 * 16 * 8 * 4 * 4 * 4 * 3  # the 1x1, stride-2 shortcut: 8x8x4 -> 4x4x8, three products
+    assert bench.count_flops(with_block, (8, 8, 3), 16) == bench.count_flops(chain, (8, 8, 3), 16) + projection
+
+
 def test_xla_baseline_computes_our_network():
     params = NET.init(jax.random.key(0), SHAPE, dtype=jnp.float64)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, *SHAPE)))
