@@ -77,6 +77,13 @@ def _check_init(layer: str, init) -> None:
         raise ValueError(f"{layer}: init must be one of {', '.join(INITIALIZERS)}, got {init!r}")
 
 
+def _reverse_mode(layer_grad: str | None, grad: str) -> str:
+    """The gradient mode for ops that have a hand VJP but no hand tangent rule (batch norm, dropout, the residual
+    join): "tangent" becomes "autodiff" (JAX's own forward mode of the same forward pass)."""
+    grad = layer_grad or grad
+    return "autodiff" if grad == "tangent" else grad
+
+
 class Layer:
     """Base of the layer specs: no parameters, shape-preserving unless ``apply`` says otherwise."""
 
@@ -316,26 +323,23 @@ class BatchNorm(Layer):
     def init_state(self, in_shape: Shape) -> dict:
         return {"mean": jnp.zeros(in_shape[-1], jnp.float32), "var": jnp.ones(in_shape[-1], jnp.float32)}
 
-    def _grad(self, grad: str) -> str:
-        grad = self.grad or grad
-        return "autodiff" if grad == "tangent" else grad
-
     def update(self, running: jax.Array, batch: jax.Array) -> jax.Array:
         """running = momentum running + (1 - momentum) batch (no gradient flows into the state)."""
         return (self.momentum * running + (1 - self.momentum) * jax.lax.stop_gradient(batch)).astype(running.dtype)
 
     def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
-        return ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, grad=self._grad(grad))[0]
+        return self.forward(params, None, x, grad=grad, rule=rule, train=True, axis_name=None)[0]
 
     def forward(self, params, state, x, *, grad, rule, train, axis_name, rng=None):
+        mode = _reverse_mode(self.grad, grad)
         if train:
             y, mean, var = ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, axis_name=axis_name,
-                                          grad=self._grad(grad))
+                                          grad=mode)
             if state is None:
                 return y, None
             return y, {"mean": self.update(state["mean"], mean), "var": self.update(state["var"], var)}
         y = ops.batch_norm(x, params["gamma"], params["beta"], mean=state["mean"], var=state["var"], eps=self.eps,
-                           grad=self._grad(grad))[0]
+                           grad=mode)[0]
         return y, state
 
 
@@ -375,23 +379,19 @@ class ConvBNReLU(Conv):
     def init_state(self, in_shape: Shape) -> dict:
         return BatchNorm().init_state((self.features,))
 
-    def _grad(self, grad: str) -> str:
-        grad = self.grad or grad
-        return "autodiff" if grad == "tangent" else grad
-
     def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
         return self.forward(params, None, x, grad=grad, rule=rule, train=True, axis_name=None)[0]
 
     def forward(self, params, state, x, *, grad, rule, train, axis_name, rng=None):
+        mode, geometry = _reverse_mode(self.grad, grad), dict(stride=self.stride, padding=self.padding,
+                                                              dilation=self.dilation)
         if not train:
-            s = ops.conv2d(x, params["w"], stride=self.stride, padding=self.padding, dilation=self.dilation,
-                           grad=self._grad(grad), rule=self.rule or rule)
+            s = ops.conv2d(x, params["w"], **geometry, grad=mode, rule=self.rule or rule)
             y = ops.batch_norm(s, params["gamma"], params["beta"], mean=state["mean"], var=state["var"],
-                               eps=self.eps, grad=self._grad(grad))[0]
-            return ops.relu(y, grad=self._grad(grad)), state
-        y, mean, var = ops.conv_bn_relu(x, params["w"], params["gamma"], params["beta"], stride=self.stride,
-                                        padding=self.padding, dilation=self.dilation, eps=self.eps,
-                                        axis_name=axis_name, grad=self._grad(grad), rule=self.rule or rule)
+                               eps=self.eps, grad=mode)[0]
+            return ops.relu(y, grad=mode), state
+        y, mean, var = ops.conv_bn_relu(x, params["w"], params["gamma"], params["beta"], **geometry, eps=self.eps,
+                                        axis_name=axis_name, grad=mode, rule=self.rule or rule)
         if state is None:
             return y, None
         bn = BatchNorm(self.momentum, self.eps)
@@ -429,8 +429,8 @@ class Dropout(Layer):
         if keys.shape != (x.shape[0],):
             raise ValueError(f"dropout: rng must be one key or one per example ({x.shape[0]}), got shape "
                              f"{keys.shape}")
-        grad = self.grad or grad
-        drop = lambda xi, ki: ops.dropout(xi, self.rate, ki, grad="autodiff" if grad == "tangent" else grad)
+        grad = _reverse_mode(self.grad, grad)
+        drop = lambda xi, ki: ops.dropout(xi, self.rate, ki, grad=grad)
         return jax.vmap(drop)(x, keys), state
 
 
@@ -517,7 +517,7 @@ class Residual(Layer):
                                             rule=rule, state=state, train=train, axis_name=axis_name, rng=rng)
         proj = self.shortcut(tuple(x.shape[1:]))
         skip = x if proj is None else proj.apply(params["proj"], x, grad=grad, rule=rule)
-        return ops.residual_add(outs[-1], skip, grad="autodiff" if grad == "tangent" else grad), new_state
+        return ops.residual_add(outs[-1], skip, grad=_reverse_mode(None, grad)), new_state
 
 
 @dataclass(frozen=True)
