@@ -48,7 +48,7 @@ if __name__ == "__main__":
     # augmentation keyed by each example's place in the global batch: the same draws on any number of devices
     augmented_rel = params_rel(train_steps(1, augment="crop,flip"), train_steps(int(sys.argv[1]), augment="crop,flip"))
     # batch norm's statistics synchronised over the devices: the same params and running averages
-    batch_norm = [train_steps(1, net=BATCH_NORM_NET), train_steps(int(sys.argv[1]), net=BATCH_NORM_NET)]
+    batch_norm = [train_steps(1, 8, net=BATCH_NORM_NET), train_steps(int(sys.argv[1]), 8, net=BATCH_NORM_NET)]
     batch_norm_rel = params_rel(*batch_norm)
     try:
         parallel.check_batch(30, parallel.make_mesh())

@@ -33,9 +33,8 @@ def test_every_preset_has_no_genuine_mismatch_in_float64(name):
     assert all(r.status == "ok" and r.rel < 1e-12 and r.fd_error < 1e-7 for r in params), report.table()
 
 
-@pytest.mark.parametrize("name", ["resnet-small", "cifar-bn"])
-def test_presets_with_batch_norm_and_residual_blocks_have_no_genuine_mismatch(name):
-    net = jc.preset(name)
+def test_the_resnet_preset_has_no_genuine_mismatch():
+    net = jc.preset("resnet-small")
     params = net.init(jax.random.key(0), (8, 8, 3), dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3), jnp.float64)
     report = gradcheck.check_network(net, params, x, jnp.array([3, 7]), rules=("im2col",), layers=False)

@@ -21,10 +21,9 @@ def test_the_layers_compute_in_bfloat16_and_the_gradient_comes_back_in_float32()
         return objective.objective(params, net, x, y, compute_dtype=compute_dtype)[0]
 
     jaxpr = str(jax.make_jaxpr(jax.grad(f), static_argnums=1)(params, jnp.bfloat16))
-    assert "conv_general_dilated" in jaxpr or "dot_general" in jaxpr
     products = [line for line in jaxpr.splitlines() if "dot_general" in line or "conv_general_dilated" in line]
     assert products and all("bf16" in line for line in products), products  # every product of the step in bf16
-    grad_f32, grad_bf16 = (jax.jit(jax.grad(f), static_argnums=1)(params, d) for d in (None, jnp.bfloat16))
+    grad_f32, grad_bf16 = jax.jit(lambda p: (jax.grad(f)(p, None), jax.grad(f)(p, jnp.bfloat16)))(params)
     for name in grad_f32:
         for key in grad_f32[name]:
             g32, g16 = np.asarray(grad_f32[name][key]), np.asarray(grad_bf16[name][key])
@@ -32,8 +31,8 @@ def test_the_layers_compute_in_bfloat16_and_the_gradient_comes_back_in_float32()
             cosine = np.sum(g32 * g16) / (np.linalg.norm(g32) * np.linalg.norm(g16))
             assert cosine > 0.999, (name, key, cosine)  # the same gradient, to bfloat16's rounding ...
             assert not np.array_equal(g32, g16), (name, key)  # ... which is there
-    value = f(params, jnp.bfloat16)
-    assert value.dtype == jnp.float32 and abs(float(value) - float(f(params, None))) < 0.02
+    value, value_f32 = jax.jit(lambda p: (f(p, jnp.bfloat16), f(p, None)))(params)
+    assert value.dtype == jnp.float32 and abs(float(value) - float(value_f32)) < 0.02
 
 
 def test_a_bf16_run_keeps_float32_params_and_trains_as_well(tmp_path, capsys):

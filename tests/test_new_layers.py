@@ -68,7 +68,7 @@ def test_network_gradcheck_hand_equals_autodiff_and_finite_differences():
     # zero input and biases: every leaky ReLU input sits on its kink, finite differences straddle it, and the
     # report says so instead of crying wolf
     params = jax.tree_util.tree_map(lambda a: a if a.ndim > 1 else jnp.zeros_like(a), params)
-    report = gradcheck.check_network(net, params, jnp.zeros_like(x), jnp.array([1, 2, 3]))
+    report = gradcheck.check_network(net, params, jnp.zeros_like(x), jnp.array([1, 2, 3]), layers=False)
     assert report.mismatches == [], report.table()
     assert report.kinks["layer 1 (LeakyReLU(negative_slope=0.1))"]["relu_zeros"] == 3 * 8 * 8 * 6
 
@@ -90,16 +90,17 @@ def test_network_tangent_rules_and_softmax_output():
 
 
 def test_hand_and_autodiff_train_a_network_of_them_alike():
-    """Two epochs on the digits by each gradient mode, float32, same seed: the same objective at every step (to
+    """An epoch on the digits by each gradient mode, float32, same seed: the same objective at every step (to
     float32 rounding), and it falls."""
     net, _, _ = net_and_batch()
     runs = {}
     for grad in ("hand", "autodiff"):
-        cfg = train.TrainConfig(epochs=2, seed=1, lr=0.01, grad=grad)
+        cfg = train.TrainConfig(epochs=1, seed=1, lr=0.01, grad=grad)
         runs[grad] = train.fit(net, train.prepare(data.load("digits"), cfg), cfg)
     hand, auto = runs["hand"].step_losses, runs["autodiff"].step_losses
     assert np.max(np.abs(hand - auto) / np.abs(auto)) < 1e-3
-    assert runs["hand"].history[-1]["train_objective"] < 0.8 * runs["hand"].history[0]["train_objective"]
+    losses = runs["hand"].step_losses
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
 def test_dropout_layer_draws_per_example_masks_in_training_only():
