@@ -76,7 +76,7 @@ def load_model(path: str | os.PathLike, *, states: bool = False) -> SavedModel:
         raise CheckpointError(f"{path}: not a jaxcnn model: it lacks {' and '.join(lacks)}")
     network = Sequential.from_config(header.pop("network"), source=str(path))
     params = _unflatten("params", tensors)
-    state = _unflatten("state", tensors) if any(k.startswith("state/") for k in tensors) else {}
+    state = _unflatten("state", tensors)
     if "input_shape" in header:
         _check_params(path, network, params, state, tuple(header["input_shape"]))
     return SavedModel(network, params, tensors["preprocess/mean"], header, state)

@@ -213,7 +213,9 @@ class _Activation(Layer):
 
     def __post_init__(self):
         _check_mode(self.type, self.grad)
-        jax.eval_shape(lambda x: type(self).op(x, **self.settings()), jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32))
+        if self.settings():  # the op checks its own settings (a slope, an alpha)
+            jax.eval_shape(lambda x: type(self).op(x, **self.settings()), jax.ShapeDtypeStruct((1, 1, 1, 1),
+                                                                                                jnp.float32))
 
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "grad"}
@@ -323,9 +325,14 @@ class BatchNorm(Layer):
     def init_state(self, in_shape: Shape) -> dict:
         return {"mean": jnp.zeros(in_shape[-1], jnp.float32), "var": jnp.ones(in_shape[-1], jnp.float32)}
 
-    def update(self, running: jax.Array, batch: jax.Array) -> jax.Array:
-        """running = momentum running + (1 - momentum) batch (no gradient flows into the state)."""
-        return (self.momentum * running + (1 - self.momentum) * jax.lax.stop_gradient(batch)).astype(running.dtype)
+    def updated(self, state: dict | None, mean: jax.Array, var: jax.Array) -> dict | None:
+        """The running averages after a batch with statistics ``mean``, ``var``: running = momentum running +
+        (1 - momentum) batch, no gradient flowing into the state (None without ``state``)."""
+        if state is None:
+            return None
+        update = lambda running, batch: (self.momentum * running + (1 - self.momentum) * jax.lax.stop_gradient(batch)
+                                         ).astype(running.dtype)
+        return {"mean": update(state["mean"], mean), "var": update(state["var"], var)}
 
     def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
         return self.forward(params, None, x, grad=grad, rule=rule, train=True, axis_name=None)[0]
@@ -335,9 +342,7 @@ class BatchNorm(Layer):
         if train:
             y, mean, var = ops.batch_norm(x, params["gamma"], params["beta"], eps=self.eps, axis_name=axis_name,
                                           grad=mode)
-            if state is None:
-                return y, None
-            return y, {"mean": self.update(state["mean"], mean), "var": self.update(state["var"], var)}
+            return y, self.updated(state, mean, var)
         y = ops.batch_norm(x, params["gamma"], params["beta"], mean=state["mean"], var=state["var"], eps=self.eps,
                            grad=mode)[0]
         return y, state
@@ -360,12 +365,16 @@ class ConvBNReLU(Conv):
             raise ValueError("conv_bn_relu: bias must be False (batch norm subtracts it again; beta is the shift)")
         BatchNorm(self.momentum, self.eps)  # checks them
 
+    @property
+    def batch_norm(self) -> BatchNorm:
+        """Its batch norm, on the convolution's ``features`` channels."""
+        return BatchNorm(self.momentum, self.eps, self.grad)
+
     def param_shapes(self, in_shape):
-        c = self.features
-        return {**super().param_shapes(in_shape), "gamma": (c,), "beta": (c,)}
+        return {**super().param_shapes(in_shape), **self.batch_norm.param_shapes((self.features,))}
 
     def state_shapes(self, in_shape):
-        return {"mean": (self.features,), "var": (self.features,)}
+        return self.batch_norm.state_shapes((self.features,))
 
     @property
     def stateful(self) -> bool:
@@ -374,10 +383,10 @@ class ConvBNReLU(Conv):
     def init_params(self, key: jax.Array, in_shape: Shape, dtype) -> dict:
         conv = Conv(self.features, self.kernel, self.stride, self.padding, self.dilation, bias=False, init=self.init)
         w = Sequential([conv]).init(key, in_shape, dtype)["conv1"]["w"]
-        return {"w": w, "gamma": jnp.ones(self.features, dtype), "beta": jnp.zeros(self.features, dtype)}
+        return {"w": w, **self.batch_norm.init_params(key, (self.features,), dtype)}
 
     def init_state(self, in_shape: Shape) -> dict:
-        return BatchNorm().init_state((self.features,))
+        return self.batch_norm.init_state((self.features,))
 
     def apply(self, params, x, *, grad, rule):  # training mode, batch statistics
         return self.forward(params, None, x, grad=grad, rule=rule, train=True, axis_name=None)[0]
@@ -387,15 +396,11 @@ class ConvBNReLU(Conv):
                                                               dilation=self.dilation)
         if not train:
             s = ops.conv2d(x, params["w"], **geometry, grad=mode, rule=self.rule or rule)
-            y = ops.batch_norm(s, params["gamma"], params["beta"], mean=state["mean"], var=state["var"],
-                               eps=self.eps, grad=mode)[0]
+            y = self.batch_norm.forward(params, state, s, grad=grad, rule=rule, train=False, axis_name=None)[0]
             return ops.relu(y, grad=mode), state
         y, mean, var = ops.conv_bn_relu(x, params["w"], params["gamma"], params["beta"], **geometry, eps=self.eps,
                                         axis_name=axis_name, grad=mode, rule=self.rule or rule)
-        if state is None:
-            return y, None
-        bn = BatchNorm(self.momentum, self.eps)
-        return y, {k: bn.update(state[k], new) for k, new in (("mean", mean), ("var", var))}
+        return y, self.batch_norm.updated(state, mean, var)
 
 
 @dataclass(frozen=True)

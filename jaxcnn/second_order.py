@@ -73,13 +73,10 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
         y = layer.apply(p, x, grad=grad, rule=rule)
         return y, jnp.zeros_like(y) if dx is None else dx.reshape(y.shape)
     if isinstance(layer, nw.Residual):  # d(body(x) + shortcut(x)) = J_body dx + J_shortcut dx, both by hand rules
-        h, dh = x, dx
-        for name, inner in zip(layer.body.names, layer.layers):
-            h, dh = layer_jvp(inner, p[name] if name else {}, h, dp[name] if name else {}, dh, grad=grad, rule=rule)
+        h, dh = _chain_jvp(layer.body, p, x, dp, dx, grad, rule)
         proj = layer.shortcut(tuple(x.shape[1:]))
         skip, dskip = (x, dx) if proj is None else layer_jvp(proj, p["proj"], x, dp["proj"], dx, grad=grad, rule=rule)
-        tangents = [t for t in (dh, dskip) if t is not None]
-        return h + skip, sum(tangents[1:], tangents[0]) if tangents else jnp.zeros_like(h)
+        return h + skip, dh if dskip is None else dh + dskip  # every layer's rule returns a tangent, never None
     names = ("w", "b") if "b" in p else ("w",)  # conv and dense parameters, in the ops' argument order
     if isinstance(layer, nw.Conv):
         primals, tangents = (x, *(p[k] for k in names)), (dx, *(dp.get(k) for k in names))
@@ -112,7 +109,12 @@ def jvp(net: nw.Sequential, params: dict, x: jax.Array, v: dict, *, grad: str = 
     check_stateless(net)
     if grad == "autodiff":
         return jax.jvp(lambda p: net.apply(p, x, grad="autodiff", rule=rule), (params,), (v,))
-    dx = None
+    return _chain_jvp(net, params, x, v, None, grad, rule)
+
+
+def _chain_jvp(net: nw.Sequential, params: dict, x: jax.Array, v: dict, dx: jax.Array | None, grad: str,
+               rule: str | None) -> tuple[jax.Array, jax.Array]:
+    """The layers of ``net`` one after the other, each by ``layer_jvp``, from input tangent ``dx``."""
     for name, layer in zip(net.names, net.layers):
         p, dp = (params[name], v[name]) if name else ({}, {})
         x, dx = layer_jvp(layer, p, x, dp, dx, grad=grad, rule=rule)

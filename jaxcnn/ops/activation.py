@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.ops import _args, _tangent
+from jaxcnn.ops import _args, _tangent, loss
 
 
 def relu_forward(s: jax.Array) -> jax.Array:
@@ -256,18 +256,13 @@ def _flag(op: str, value) -> bool:
     return value
 
 
-def _softmax_forward(z: jax.Array) -> jax.Array:
-    e = jnp.exp(z - lax.stop_gradient(z.max(axis=-1, keepdims=True)))  # the shift cancels: no gradient through it
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 @jax.custom_vjp
 def _softmax_hand(z):
-    return _softmax_forward(z)
+    return loss.softmax(z)
 
 
 def _softmax_fwd(z):
-    y = _softmax_forward(z)
+    y = loss.softmax(z)
     return y, y
 
 
@@ -295,7 +290,7 @@ def softmax(x: jax.Array, *, grad: str = "hand") -> jax.Array:
         raise ValueError("softmax: x must have at least one axis (the classes), got a scalar")
     if grad == "tangent":
         return _tangent.call(softmax_jvp, (x,))
-    return _softmax_forward(x) if grad == "autodiff" else _softmax_hand(x)
+    return loss.softmax(x) if grad == "autodiff" else _softmax_hand(x)
 
 
 def softmax_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
@@ -304,7 +299,7 @@ def softmax_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
     (x,), (dx,) = _args.jvp_pairs("softmax_jvp", primals, tangents, ("x",))
     x = _args.array("softmax_jvp", "x", x)
     (dx,) = _args.tangents_match("softmax_jvp", ("x",), (x,), (dx,))
-    y = _softmax_forward(x)
+    y = loss.softmax(x)
     return y, jnp.zeros_like(y) if dx is None else _softmax_bwd(y, dx)[0]
 
 

@@ -120,8 +120,9 @@ def log_softmax(z: jax.Array) -> jax.Array:
 
 
 def softmax(z: jax.Array) -> jax.Array:
-    """p = exp(z - max z) / sum_j exp(z_j - max z), normalised by its own sum (exp(log p) is not, to rounding)."""
-    e = jnp.exp(z - z.max(axis=-1, keepdims=True))
+    """p = exp(z - max z) / sum_j exp(z_j - max z), normalised by its own sum (exp(log p) is not, to rounding).
+    The shift gets no gradient, as in ``log_softmax``."""
+    e = jnp.exp(z - lax.stop_gradient(z.max(axis=-1, keepdims=True)))
     return e / e.sum(axis=-1, keepdims=True)
 
 

@@ -101,12 +101,8 @@ def _mean(a: jax.Array, axis_name: str | None) -> jax.Array:
 
 
 def _train_forward(x, gamma, beta, eps, axis_name):
-    ct = _compute_dtype(x)
-    xc = x.astype(ct)
-    mu = _mean(xc, axis_name)
-    v = _mean(jnp.square(xc - mu), axis_name)
-    x_hat = (xc - mu) / jnp.sqrt(v + eps)
-    return (gamma.astype(ct) * x_hat + beta.astype(ct)).astype(x.dtype), mu, v
+    """(y, mu, v): the one forward pass of both modes (the hand rule's, which also keeps x_hat and sigma)."""
+    return _train_fwd(x, gamma, beta, eps, axis_name)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -147,9 +143,7 @@ _train_hand.defvjp(_train_fwd, _train_bwd)
 
 
 def _eval_forward(x, gamma, beta, mean, var, eps):
-    ct = _compute_dtype(x)
-    x_hat = (x.astype(ct) - mean.astype(ct)) / jnp.sqrt(var.astype(ct) + eps)
-    return (gamma.astype(ct) * x_hat + beta.astype(ct)).astype(x.dtype)
+    return _eval_fwd(x, gamma, beta, mean, var, eps)[0]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
