@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softmax cross-entropy or Lin's squared loss")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights, batch and labels")
     g.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    g.add_argument("--precision", nargs="?", const="bfloat16,float16,float32", metavar="DTYPES",
+                   help="instead of the agreement check, measure how accurate each gradient mode is in these "
+                        "dtypes (comma-separated; bare --precision: bfloat16,float16,float32): each against the "
+                        "float64 gradient of the same rounded inputs, end to end, layer by layer and in the forward "
+                        "pass (jaxcnn.precision); --rule picks the conv rules, --dtype does not apply")
 
     bn = commands.add_parser(
         "bench", help="time one training step of a preset: hand rules vs autodiff vs XLA vs Flax (vs PyTorch)",
@@ -334,6 +339,7 @@ def cmd_gradcheck(args) -> int:
     from jaxcnn._io import atomic_write
 
     jax.config.update("jax_enable_x64", True)  # finite differences (and --dtype float64) need it
+    dtypes = _precision_dtypes(args)
     if args.config:
         config = network.load_toml(args.config)
         net = network.Sequential.from_config(config, source=args.config)
@@ -352,6 +358,8 @@ def cmd_gradcheck(args) -> int:
          else jnp.zeros((args.batch, *shape), jnp.float64))
     labels = jax.random.randint(key_y, (args.batch,), 0, net.shapes(shape)[-1][0])
     rules = ("im2col", "flip") if args.rule == "both" else (args.rule,)
+    if dtypes:
+        return _gradcheck_precision(args, net, params, x, labels, dtypes, rules, shape, origin)
     print(f"gradcheck {net.name}: input {args.batch} x {'x'.join(map(str, shape))} ({origin}), values: {args.input} "
           f"(--input), gradients in {args.dtype} (finite differences in float64), loss {args.loss}, seed {args.seed}"
           "\n")
@@ -361,6 +369,34 @@ def cmd_gradcheck(args) -> int:
     if args.json:
         atomic_write(args.json, report.to_json())
     return 1 if report.mismatches else 0
+
+
+def _precision_dtypes(args) -> list[str]:
+    """The dtypes of ``gradcheck --precision``, checked; [] without the flag."""
+    if args.precision is None:
+        return []
+    dtypes = [d.strip() for d in args.precision.split(",") if d.strip()]
+    allowed = ("bfloat16", "float16", "float32", "float64")
+    if not dtypes or any(d not in allowed for d in dtypes):
+        raise ValueError(f"--precision takes a comma-separated list of {', '.join(allowed)}, got {args.precision!r}")
+    if args.dtype != "float64":
+        raise ValueError("--dtype does not apply with --precision (name the dtypes there: --precision bfloat16)")
+    return dtypes
+
+
+def _gradcheck_precision(args, net, params, x, labels, dtypes, rules, shape, origin) -> int:
+    from jaxcnn import precision
+    from jaxcnn._io import atomic_write
+
+    modes = [m for m in precision.DEFAULT_MODES if precision.MODES[m][1] in rules]
+    print(f"gradcheck --precision {net.name}: input {args.batch} x {'x'.join(map(str, shape))} ({origin}), values: "
+          f"{args.input}, loss {args.loss}, seed {args.seed}; each mode in {', '.join(dtypes)} against the float64 "
+          "gradient of the same rounded inputs\n", flush=True)
+    report = precision.check_precision(net, params, x, labels, loss=args.loss, dtypes=dtypes, modes=modes)
+    print(report.table())
+    if args.json:
+        atomic_write(args.json, report.to_json())
+    return 0
 
 
 def cmd_bench(args) -> int:

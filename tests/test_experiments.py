@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "gauss_newton_cost": ["gauss_newton_cost.md"],
     "newton_mnist": ["newton_mnist.md", "newton_mnist.png"],
     "mixed_precision": ["mixed_precision.md"],
+    "precision": ["precision.md", "precision.png", "precision_presets.md"],
 }
 
 

@@ -20,9 +20,10 @@ def test_the_layers_compute_in_bfloat16_and_the_gradient_comes_back_in_float32()
     def f(params, compute_dtype):
         return objective.objective(params, net, x, y, compute_dtype=compute_dtype)[0]
 
-    jaxpr = str(jax.make_jaxpr(jax.grad(f), static_argnums=1)(params, jnp.bfloat16))
-    products = [line for line in jaxpr.splitlines() if "dot_general" in line or "conv_general_dilated" in line]
-    assert products and all("bf16" in line for line in products), products  # every product of the step in bf16
+    jaxpr = jax.make_jaxpr(jax.grad(f), static_argnums=1)(params, jnp.bfloat16).jaxpr
+    operands = [[str(v.aval.dtype) for v in eqn.invars] for eqn in _equations(jaxpr)
+                if eqn.primitive.name in ("dot_general", "conv_general_dilated")]
+    assert operands and all(o == ["bfloat16"] * 2 for o in operands), operands  # every product of the step in bf16
     grad_f32, grad_bf16 = jax.jit(lambda p: (jax.grad(f)(p, None), jax.grad(f)(p, jnp.bfloat16)))(params)
     for name in grad_f32:
         for key in grad_f32[name]:
@@ -33,6 +34,17 @@ def test_the_layers_compute_in_bfloat16_and_the_gradient_comes_back_in_float32()
             assert not np.array_equal(g32, g16), (name, key)  # ... which is there
     value, value_f32 = jax.jit(lambda p: (f(p, jnp.bfloat16), f(p, None)))(params)
     assert value.dtype == jnp.float32 and abs(float(value) - float(value_f32)) < 0.02
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside its equations (custom rules, jit, scan)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
 
 
 def test_a_bf16_run_keeps_float32_params_and_trains_as_well(tmp_path, capsys):
