@@ -206,6 +206,14 @@ def check_op(op: Callable, args: tuple, names: tuple[str, ...], *, dtype=jnp.flo
                       {"op": getattr(op, "__name__", repr(op))})
 
 
+def check_precision(net: nw.Sequential, params: dict, x, labels, **settings):
+    """How accurate each gradient mode is in bfloat16, float16 and float32, against the float64 gradient of the
+    same rounded inputs: ``jaxcnn.precision.check_precision`` (settings and report there)."""
+    from jaxcnn import precision
+
+    return precision.check_precision(net, params, x, labels, **settings)
+
+
 def _path_names(tree: dict, prefix: str = "") -> dict:
     """Each leaf of nested params named by its path: "conv1/w", "res1/conv2/b"."""
     return {k: _path_names(v, f"{prefix}{k}/") if isinstance(v, dict) else f"{prefix}{k}" for k, v in tree.items()}

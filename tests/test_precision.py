@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxcnn as jc
-from jaxcnn import cli, precision
+from jaxcnn import cli, gradcheck, precision
 
 
 def test_error_measures_follow_their_definitions():
@@ -61,7 +61,7 @@ def test_ties_created_by_rounding_are_counted_and_explain_hand_vs_autodiff():
     net = jc.Sequential([jc.Conv(1, 1, bias=False), jc.MaxPool(window=(1, 2)), jc.Flatten(), jc.Dense(2)])
     params = {"conv1": {"w": jnp.ones((1, 1, 2, 1))}, "dense1": {"w": jnp.array([[1.0, -1.0]]), "b": jnp.zeros(2)}}
     x = jnp.array([[[[0.5, 0.5], [1.0, 2.0**-9]]]])  # [1, 1, 2, 2]: the window holds S = 1 and 1 + 2^-9
-    report = precision.check_precision(net, params, x, jnp.array([0]), dtypes=("bfloat16",),
+    report = gradcheck.check_precision(net, params, x, jnp.array([0]), dtypes=("bfloat16",),
                                        modes=("hand im2col", "autodiff im2col", "autodiff first-max"))
     (pool,) = [r for r in report.forward if r.index == 1]
     assert (pool.ties, pool.ties_float64) == (1, 0)
