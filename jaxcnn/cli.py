@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the agreement check, measure how accurate each gradient mode is in these "
                         "dtypes (comma-separated; bare --precision: bfloat16,float16,float32): each against the "
                         "float64 gradient of the same rounded inputs, end to end, layer by layer and in the forward "
-                        "pass (jaxcnn.precision); --rule picks the conv rules, --dtype does not apply")
+                        "pass (jaxcnn.precision); --rule picks the conv rules, --dtype does not apply; a "
+                        "measurement, not a verdict: the exit status is 0")
 
     bn = commands.add_parser(
         "bench", help="time one training step of a preset: hand rules vs autodiff vs XLA vs Flax (vs PyTorch)",
