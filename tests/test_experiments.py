@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "newton_mnist": ["newton_mnist.md", "newton_mnist.png"],
     "mixed_precision": ["mixed_precision.md"],
     "precision": ["precision.md", "precision.png", "precision_presets.md"],
+    "xla_flags": ["xla_flags.md"],
 }
 
 
