@@ -13,35 +13,20 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax
 import numpy as np
 
+from experiments import _common
 from experiments._common import machine, parser, save_figure, table, write
-from jaxcnn import bench, data, network, parallel, train
+from jaxcnn import bench, data, network, train
 
 PRECISIONS = ("fp32", "bf16")
 
 
 def step_seconds(net, cfg: train.TrainConfig, shape, rounds: int, grads=("hand", "autodiff")) -> dict[str, float]:
-    """Median seconds of one training step (``train.make_step``) per "grad, precision", timed round-robin. The
-    step donates its state, so each call gets a copy (the same small cost for every variant)."""
-    mesh = parallel.make_mesh(1)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(cfg.batch_size, *shape)).astype(np.float32)
-    y = rng.integers(0, 10, cfg.batch_size).astype(np.int32)
-    xb, yb = parallel.global_batch(mesh, np.arange(cfg.batch_size), x, y)
-    copy = lambda tree: jax.tree_util.tree_map(lambda a: a.copy(), tree)
-    functions = {}
-    for grad in grads:
-        for precision in PRECISIONS:
-            c = dataclasses.replace(cfg, grad=grad, precision=precision)
-            tx = train.make_optimizer(c, 100)
-            params = net.init(jax.random.key(0), shape)
-            state = parallel.replicate(mesh, (params, tx.init(params), net.init_state(shape),
-                                              train._guard(net, params)))
-            step = train.make_step(net, tx, c, mesh)
-            functions[f"{grad}, {precision}"] = (lambda s, x, y, step=step: step(*copy(s), x, y), (state, xb, yb))
-    return bench.round_robin(functions, rounds)
+    """Median seconds of one training step per "grad, precision", timed round-robin."""
+    configs = {f"{grad}, {precision}": dataclasses.replace(cfg, grad=grad, precision=precision)
+               for grad in grads for precision in PRECISIONS}
+    return _common.step_seconds(net, configs, shape, rounds)
 
 
 def main(argv=None) -> None:

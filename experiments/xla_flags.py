@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments._common import machine, parser, table, write
+from experiments._common import machine, parser, step_seconds, table, write
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -37,28 +37,12 @@ SETTINGS = {
 
 def child(preset: str, batch: int, steps: int) -> dict[str, float]:
     """Milliseconds of one training step per conv rule, in this process (its XLA_FLAGS)."""
-    import jax
-
-    from jaxcnn import bench, network, parallel, train
+    from jaxcnn import network, train
     from jaxcnn.cli import input_shape
 
-    shape = input_shape(preset)
-    net = network.preset(preset)
-    mesh = parallel.make_mesh(1)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, *shape)).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int32)
-    xb, yb = parallel.global_batch(mesh, np.arange(batch), x, y)
-    copy = lambda tree: jax.tree_util.tree_map(lambda a: a.copy(), tree)  # the step donates its state
-    functions = {}
-    for rule in ("im2col", "flip"):
-        cfg = train.TrainConfig(batch_size=batch, rule=rule)
-        tx = train.make_optimizer(cfg, 100)
-        params = net.init(jax.random.key(0), shape)
-        state = parallel.replicate(mesh, (params, tx.init(params), net.init_state(shape), train._guard(net, params)))
-        step = train.make_step(net, tx, cfg, mesh)
-        functions[rule] = (lambda s, x, y, step=step: step(*copy(s), x, y), (state, xb, yb))
-    return {rule: s * 1e3 for rule, s in bench.round_robin(functions, steps).items()}
+    configs = {rule: train.TrainConfig(batch_size=batch, rule=rule) for rule in ("im2col", "flip")}
+    seconds = step_seconds(network.preset(preset), configs, input_shape(preset), steps)
+    return {rule: s * 1e3 for rule, s in seconds.items()}
 
 
 def main(argv=None) -> None:
