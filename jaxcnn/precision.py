@@ -190,10 +190,10 @@ def check_precision(net: nw.Sequential, params: dict, x, labels, *, loss: str = 
                                      "loss": loss, "modes": modes, "dtypes": [str(d) for d in dtypes],
                                      "floor": FLOOR, "backend": jax.default_backend(),
                                      "matmul_precision": matmul_precision or "default"})
-        spreads = []
+        spreads, compute = [], _compute(net, loss, modes, layers)
         for dtype in dtypes:
             inputs = _cast({"params": params, "x": x}, dtype)  # the rounded values both sides start from
-            out = _compute(net, loss, modes, layers)(inputs, labels)
+            out = compute(inputs, labels)
             report.meta["truth_dtype"] = str(jax.tree_util.tree_leaves(out[modes[0]]["truth"])[0].dtype)
             truths = [jax.tree_util.tree_leaves(out[m]["truth"]["params"]) for m in modes]
             spreads += [_spread(a, b) for other in truths[1:] for a, b in zip(truths[0], other)]

@@ -47,6 +47,12 @@ def same_dtype(op: str, **arrays: jax.Array | None) -> None:
         raise TypeError(f"{op}: arguments must share one dtype, got {listing}; cast them to one dtype first")
 
 
+def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
+    """The dtype an op keeps its sums and statistics in: float32 for bfloat16, float16 and float32 inputs,
+    float64 for float64 (rounded to the inputs' dtype once, at the end)."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 def choice(op: str, name: str, value, options: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in options:
         names = [repr(o) for o in options]

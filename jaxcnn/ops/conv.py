@@ -250,14 +250,9 @@ def _im2col_backward(window: Window, x, w, delta, stored_phi=None):
     # W^T Delta, eq. (18), and its sum over overlapping windows, P_phi^T, stay in float32 for narrower dtypes and
     # are rounded once: rounding W^T Delta first made dZ 2.5x less accurate in bfloat16 than the flip rule's
     # (experiments/results/precision.md).
-    dphi = jnp.matmul(rows, w.reshape(-1, w.shape[3]).T, preferred_element_type=accumulator(rows.dtype))
+    dphi = jnp.matmul(rows, w.reshape(-1, w.shape[3]).T, preferred_element_type=_args.compute_dtype(rows))
     cols = dphi.reshape(*delta.shape[:3], *w.shape[:3])  # [N, Ho, Wo, kh, kw, C_in]
     return unpatches(cols, window, x.shape[1:3]).astype(x.dtype), dw, db  # P_pad^T P_phi^T
-
-
-def accumulator(dtype) -> jnp.dtype:
-    """The dtype sums are kept in: float32 for bfloat16 and float16, else the dtype itself."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _flip_backward(window: Window, x, w, delta):

@@ -65,7 +65,7 @@ def squared_error_gn(z: jax.Array, u: jax.Array) -> jax.Array:
 def softmax_cross_entropy_gn(z: jax.Array, u: jax.Array) -> jax.Array:
     """B u, row by row, for one example's xi = -sum_j y_j log p_j: B = d^2 xi / dz^2 = diag(p) - p p^T with
     p = softmax(z) (for one-hot or probability rows y; the Jacobian of p - y, Sadeghzadeh). ``z``, ``u``: [N, K]."""
-    ct = _compute_dtype(z, u)
+    ct = _args.compute_dtype(z, u)
     p, u32 = softmax(jnp.asarray(z).astype(ct)), jnp.asarray(u).astype(ct)
     return (p * u32 - p * jnp.sum(p * u32, axis=-1, keepdims=True)).astype(jnp.result_type(u))
 
@@ -98,12 +98,8 @@ def _inputs(op: str, z_arg, y_arg, grad: str) -> tuple[jax.Array, jax.Array]:
     return z, y
 
 
-def _compute_dtype(*arrays: jax.Array):
-    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
-
-
 def squared_error_forward(z: jax.Array, y: jax.Array) -> jax.Array:
-    ct = _compute_dtype(z, y)
+    ct = _args.compute_dtype(z, y)
     r = z.astype(ct) - y.astype(ct)
     return jnp.sum(r * r) / z.shape[0]
 
@@ -127,7 +123,7 @@ def softmax(z: jax.Array) -> jax.Array:
 
 
 def cross_entropy_forward(z: jax.Array, y: jax.Array) -> jax.Array:
-    ct = _compute_dtype(z, y)
+    ct = _args.compute_dtype(z, y)
     return -jnp.sum(y.astype(ct) * log_softmax(z.astype(ct))) / z.shape[0]
 
 
@@ -142,7 +138,7 @@ def _squared_error_fwd(z, y):
 
 def _squared_error_bwd(res, g):
     z, y = res
-    ct = _compute_dtype(z, y)
+    ct = _args.compute_dtype(z, y)
     dz = g * 2 * (z.astype(ct) - y.astype(ct)) / z.shape[0]
     return dz.astype(z.dtype), (-dz).astype(y.dtype)
 
@@ -161,7 +157,7 @@ def _cross_entropy_fwd(z, y):
 
 def _cross_entropy_bwd(res, g):
     z, y = res
-    ct = _compute_dtype(z, y)
+    ct = _args.compute_dtype(z, y)
     z32, y32 = z.astype(ct), y.astype(ct)
     scale = g / z.shape[0]
     dz = scale * (softmax(z32) * y32.sum(axis=-1, keepdims=True) - y32)

@@ -84,12 +84,8 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, mean: jax.Arr
     mean, var = jnp.asarray(mean), jnp.asarray(var)
     y = _eval_forward(x, gamma, beta, mean, var, eps) if grad == "autodiff" else \
         _eval_hand(x, gamma, beta, mean, var, eps)
-    ct = _compute_dtype(x)
+    ct = _args.compute_dtype(x)
     return y, mean.astype(ct), var.astype(ct)
-
-
-def _compute_dtype(x: jax.Array):
-    return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def _mean(a: jax.Array, axis_name: str | None) -> jax.Array:
@@ -111,7 +107,7 @@ def _train_hand(x, gamma, beta, eps, axis_name):
 
 
 def _train_fwd(x, gamma, beta, eps, axis_name):
-    ct = _compute_dtype(x)
+    ct = _args.compute_dtype(x)
     xc = x.astype(ct)
     mu = _mean(xc, axis_name)
     v = _mean(jnp.square(xc - mu), axis_name)
@@ -152,7 +148,7 @@ def _eval_hand(x, gamma, beta, mean, var, eps):
 
 
 def _eval_fwd(x, gamma, beta, mean, var, eps):
-    ct = _compute_dtype(x)
+    ct = _args.compute_dtype(x)
     sigma = jnp.sqrt(var.astype(ct) + eps)
     x_hat = (x.astype(ct) - mean.astype(ct)) / sigma
     y = (gamma.astype(ct) * x_hat + beta.astype(ct)).astype(x.dtype)
