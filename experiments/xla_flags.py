@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments._common import machine, parser, step_seconds, table, write
+from experiments._common import parser, step_seconds, table, write
+from jaxcnn import autotune, bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -67,6 +68,7 @@ def main(argv=None) -> None:
                 raise RuntimeError(f"{name} ({flags}) failed:\n{done.stderr[-2000:]}")
             times[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}/{rounds}, {name}: {times[name][-1]}", flush=True)
+    ceiling = bench.matmul_ceiling(256 if args.quick else None)  # after the children: the machine as they found it
     rows = []
     base = {rule: float(np.median([t[rule] for t in times["default"]])) for rule in ("im2col", "flip")}
     for name, flags in settings.items():
@@ -77,7 +79,8 @@ def main(argv=None) -> None:
         rows.append([name, f"`{flags}`" if flags else "-", *cells])
     write(args.out, "xla_flags.md", "\n\n".join([
         "# XLA CPU flags and the hand rules' training step",
-        f"Machine: {machine()}. Command: `python -m experiments.xla_flags{' --quick' if args.quick else ''}`. "
+        f"Machine: {autotune.machine_key()}; measured float32 matmul ceiling {ceiling:.0f} GFLOP/s. "
+        f"Command: `python -m experiments.xla_flags{' --quick' if args.quick else ''}`. "
         f"{preset}, batch {batch}, float32; each setting in its own process, {rounds} round(s) taking turns; per "
         f"round the median of {steps} steps. Milliseconds: median over the rounds (range), and against the default.",
         table(["setting", "XLA_FLAGS", "im2col ms", "vs default", "flip ms", "vs default"], rows)]) + "\n")
