@@ -58,15 +58,16 @@ def main(argv=None) -> None:
     steps = 2 if args.quick else args.steps
     ceilings = {d: bench.matmul_ceiling(512 if args.quick else None, jnp.dtype(d)) for d in ("float32", "bfloat16")
                 if d == "float32" or jax.default_backend() != "cpu"}
-    print(f"{machine()}\nmatmul ceiling: " + ", ".join(f"{d} {c:,.0f} GFLOP/s" for d, c in ceilings.items()),
-          flush=True)
+    bandwidth = bench.memory_bandwidth(16 if args.quick else 256)
+    print(f"{machine()}\nmatmul ceiling: " + ", ".join(f"{d} {c:,.0f} GFLOP/s" for d, c in ceilings.items()) +
+          f"; memory bandwidth {bandwidth:,.0f} GB/s", flush=True)
     sections = []
     for preset, batch, dtype in cases(args.quick):
         result = bench.run(preset, input_shape(preset), batch, steps=steps, dtype=jnp.dtype(dtype),
-                           progress=lambda line: print(line, flush=True))
-        sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP per step "
-                        f"(counted by hand); median of {steps} steps per variant, timed round-robin.\n\n"
-                        f"{bench.table(result, ceilings[dtype])}\n")
+                           torch=not args.quick, progress=lambda line: print(line, flush=True))
+        sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP and about "
+                        f"{result['bytes'] / 1e9:.2f} GB moved per step (counted by hand); median of {steps} steps "
+                        f"per variant, timed round-robin.\n\n{bench.table(result, ceilings[dtype], bandwidth)}\n")
         print(sections[-1], flush=True)
     first = cases(args.quick)[0]
     # The hand variant BENCHMARKS.md's analysis reads: im2col on a CPU; on an accelerator the fused block with its
@@ -83,7 +84,8 @@ def main(argv=None) -> None:
     memory_rows = "\n".join(f"| {name} | {mb:.1f} | {mb / xla:.2f}x |" for name, mb in memory)
     ceiling_line = ", ".join(f"{d} {c:,.0f} GFLOP/s" for d, c in ceilings.items())
     text = f"""Measured by `python -m experiments.benchmark` on {machine()}.
-Matmul ceiling (an n x n product of random numbers): {ceiling_line}.
+Matmul ceiling (an n x n product of random numbers): {ceiling_line}; memory bandwidth (an in-place `x + 1`):
+{bandwidth:,.0f} GB/s.
 
 {chr(10).join(sections)}
 ### Where the step's time goes

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import os
 import re
 import tempfile
@@ -86,9 +87,9 @@ def _count(net: nw.Sequential, input_shape, batch: int, first: bool) -> tuple[in
     return total, first
 
 
-def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int) -> dict[str, float]:
-    """Median seconds of each ``name: (f, args)``, every one called once to warm up (compile), then all called in
-    turn ``rounds`` times, so that the machine's drift affects them alike."""
+def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int, statistic=np.median) -> dict[str, float]:
+    """Median (or another ``statistic``) seconds of each ``name: (f, args)``, every one called once to warm up
+    (compile), then all called in turn ``rounds`` times, so that the machine's drift affects them alike."""
     for f, args in functions.values():
         jax.block_until_ready(f(*args))
     seconds: dict[str, list[float]] = {name: [] for name in functions}
@@ -97,7 +98,7 @@ def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int) -> di
             start = time.perf_counter()
             jax.block_until_ready(f(*args))
             seconds[name].append(time.perf_counter() - start)
-    return {name: float(np.median(s)) for name, s in seconds.items()}
+    return {name: float(statistic(s)) for name, s in seconds.items()}
 
 
 def median_seconds(f: Callable, *args, repeats: int = 10) -> float:
@@ -109,6 +110,48 @@ def median_seconds(f: Callable, *args, repeats: int = 10) -> float:
         jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def count_bytes(net: nw.Sequential, input_shape, batch: int, dtype=jnp.float32) -> int:
+    """Bytes one training step moves to and from memory, estimated as ``count_flops`` counts products: each
+    layer's output (inside residual blocks too) written and read in the forward pass, read again in the backward
+    pass, and its cotangent written and read (5 passes); the input read twice (the forward pass and the first
+    layer's dW); the params read twice, their gradient written, and Adam reading params, gradient and both
+    moments and writing three (10 passes). XLA's fusions can skip some activation passes (an elementwise layer
+    fused into its neighbour), im2col's phi(pad(Z)) adds its own: a yardstick for the roofline, not a bound."""
+    input_shape = tuple(input_shape)
+    size = jnp.dtype(dtype).itemsize
+    activations = _activation_elements(net, input_shape)
+    return size * (batch * (5 * activations + 2 * math.prod(input_shape)) + 10 * net.num_params(input_shape))
+
+
+def _activation_elements(net: nw.Sequential, input_shape) -> int:
+    total = 0
+    for layer, shape_in, shape_out in zip(net.layers, [input_shape, *net.shapes(input_shape)], net.shapes(input_shape)):
+        if isinstance(layer, nw.Residual):
+            total += _activation_elements(layer.body, shape_in)  # the body's outputs; its last is the join's input
+        total += math.prod(shape_out)
+    return total
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
+    """GB/s of a jitted ``x + 1`` over a float32 array of ``megabytes`` on the default device, each byte read once
+    and written once, in place (the input donated: a fresh output would time the first touch of new pages, 7x
+    slower on the 2-core VM, which a training step, reusing its buffers, does not pay): the roof for the step's
+    memory traffic (``count_bytes``)."""
+    increment = jax.jit(lambda x: x + 1, donate_argnums=0)
+    x = jax.block_until_ready(increment(jnp.zeros(megabytes * 2**20 // 4, jnp.float32)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = jax.block_until_ready(increment(x))
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / float(np.median(times)) / 1e9
+
+
+def roofline_ms(flops: int, nbytes: int, ceiling: float, bandwidth: float) -> float:
+    """The step's time were it bound only by the matmul ceiling (GFLOP/s) or the memory bandwidth (GB/s)."""
+    return 1e3 * max(flops / (ceiling * 1e9), nbytes / (bandwidth * 1e9))
 
 
 def matmul_ceiling(n: int | None = None, dtype=jnp.float32) -> float:
@@ -398,67 +441,47 @@ def flax_loss(model, stateful: bool) -> Callable:
     return lambda v, x, y: optax.softmax_cross_entropy_with_integer_labels(logits(v, x), y).mean()
 
 
-def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool, dtype=jnp.float32) -> Callable | None:
-    """The same step in PyTorch eager (None without torch); NCHW, or NHWC memory ("channels_last"); on CUDA when
+def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool, dtype=jnp.float32,
+               compiled: bool = False) -> Callable | None:
+    """The same step in PyTorch (None without torch), eager or with the model under ``torch.compile``
+    (``compiled``: Inductor, compiled at the first call); NCHW, or NHWC memory ("channels_last"); on CUDA when
     JAX runs on a GPU (and torch sees one), else on the CPU. Each call waits for the device to finish."""
-    mirrored = (nw.Conv, nw.ConvReLUPool, nw.ConvBNReLU, nw.MaxPool, nw.AvgPool, nw.Dense, nw.Flatten, nw.ReLU,
-                nw.Sigmoid, nw.Tanh)
-    if any(type(layer) not in mirrored for layer in net.layers):
-        return None  # no PyTorch mirror of batch norm layers, residual blocks and the newer activations yet
     try:
         import torch
+
+        from jaxcnn import torch_mirror
     except ImportError:
+        return None
+    if not torch_mirror.supported(net):
         return None
     cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
     if not cuda and jax.default_backend() != "cpu":
         return None  # no like-for-like reference on this accelerator
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    layers, shapes = [], [tuple(input_shape), *net.shapes(input_shape)]
-    for layer, shape in zip(net.layers, shapes):
-        if isinstance(layer, nw.Conv):
-            win = layer.geometry(shape)
-            (top, bottom), (left, right) = win.padding
-            if top != bottom or left != right:
-                layers.append(torch.nn.ZeroPad2d((left, right, top, bottom)))
-                top = left = 0
-            layers.append(torch.nn.Conv2d(shape[-1], layer.features, win.size, win.stride, (top, left), win.dilation,
-                                          bias=layer.bias))
-            if isinstance(layer, nw.ConvReLUPool):
-                layers += [torch.nn.ReLU(), torch.nn.MaxPool2d(layer.pool_geometry().size)]
-            if isinstance(layer, nw.ConvBNReLU):
-                layers += [torch.nn.BatchNorm2d(layer.features, layer.eps, 1 - layer.momentum), torch.nn.ReLU()]
-        elif isinstance(layer, nw.MaxPool):
-            win = layer.geometry(shape)
-            (top, bottom), (left, right) = win.padding
-            kind = torch.nn.AvgPool2d if isinstance(layer, nw.AvgPool) else torch.nn.MaxPool2d
-            layers.append(kind(win.size, win.stride, (top, left)))
-        elif isinstance(layer, nw.Dense):
-            layers.append(torch.nn.Linear(shape[-1], layer.features, bias=layer.bias))
-        elif isinstance(layer, nw.Flatten):
-            layers.append(torch.nn.Flatten())
-        else:
-            layers.append({"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh}[layer.type]())
+    shapes = net.shapes(input_shape)
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 products, as XLA's default precision on GPUs
     device, torch_dtype = ("cuda" if cuda else "cpu"), getattr(torch, jnp.dtype(dtype).name)
-    model = torch.nn.Sequential(*layers).to(device, torch_dtype)
+    model = torch_mirror.module(net, input_shape).to(device, torch_dtype)
     x = torch.randn(batch, input_shape[2], *input_shape[:2], device=device, dtype=torch_dtype)
     y = torch.randint(0, shapes[-1][-1], (batch,), device=device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compiled else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
         if cuda:
             torch.cuda.synchronize()
 
     step.note = f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if cuda else
-                                                   f"{torch.get_num_threads()} threads") + ", eager"
+                                                   f"{torch.get_num_threads()} threads") + \
+        (", torch.compile" if compiled else ", eager")
     return step
 
 
@@ -491,19 +514,31 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         flax_params = jax.tree_util.tree_map(lambda a: a.astype(dtype), model.init(jax.random.key(seed), x))
         runners["flax"] = JaxStep(loss, flax_params, x, y)
         runners["flax"].note = f"flax {flax.__version__} linen"
+    environment = dict(os.environ)  # torch.compile leaves variables of its own behind: restored below
     if everything and torch and (dtype == jnp.float32 or jax.default_backend() != "cpu"):
-        for channels_last in (False, True):
-            step = torch_step(net, input_shape, batch, channels_last, dtype)
+        for channels_last, compiled in ((False, False), (True, False), (True, True)):
+            step = torch_step(net, input_shape, batch, channels_last, dtype, compiled)
             if step is not None:
-                runners["pytorch channels_last" if channels_last else "pytorch"] = step
-    for runner in runners.values():
-        runner()  # warm-up
+                name = "pytorch" + (" channels_last" if channels_last else "") + (", compiled" if compiled else "")
+                runners[name] = step
+    for name, runner in list(runners.items()):
+        try:
+            runner()  # warm-up (and torch.compile's compilation)
+        except Exception as err:  # torch.compile needs a C++ compiler and may fail; the rest stands
+            if not name.endswith("compiled"):
+                raise
+            del runners[name]
+            if progress:
+                progress(f"{preset} b{batch}: no {name} row: torch.compile failed ({type(err).__name__}: {err})")
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(steps):
         for name, runner in runners.items():
             start = time.perf_counter()
             runner()
             times[name].append(time.perf_counter() - start)
+    for key in set(os.environ) - set(environment):
+        del os.environ[key]
+    os.environ.update(environment)
     results = []
     for name, runner in runners.items():
         extra = {"compile_s": runner.compile_s, **runner.memory} if isinstance(runner, JaxStep) else {}
@@ -511,21 +546,25 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         if progress:
             progress(f"{preset} b{batch}: {name} {results[-1].median_ms:.1f} ms")
     return {"preset": preset, "batch": batch, "dtype": str(jnp.dtype(dtype)), "measurements": results,
-            "flops": count_flops(net, input_shape, batch), "steps": steps}
+            "flops": count_flops(net, input_shape, batch), "bytes": count_bytes(net, input_shape, batch, dtype),
+            "steps": steps}
 
 
-def table(result: dict, ceiling: float) -> str:
-    """A Markdown table of one ``run``: times, ratios to the XLA autodiff baseline, GFLOP/s, memory."""
+def table(result: dict, ceiling: float, bandwidth: float | None = None) -> str:
+    """A Markdown table of one ``run``: times, ratios to the XLA autodiff baseline, GFLOP/s, times the roofline
+    time (``roofline_ms``, given the memory ``bandwidth``), memory."""
     base = next((m.median_ms for m in result["measurements"] if m.name == "xla autodiff"), None)
     gflop = result["flops"] / 1e9
-    rows = ["| variant | ms (median) | min-max | vs xla autodiff | GFLOP/s | % of ceiling | compile s | temp MB | "
-            "args MB | out MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    roof = bandwidth and roofline_ms(result["flops"], result["bytes"], ceiling, bandwidth)
+    rows = ["| variant | ms (median) | min-max | vs xla autodiff | GFLOP/s | % of ceiling | x roofline | compile s | "
+            "temp MB | args MB | out MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in result["measurements"]:
         rate = gflop / (m.median_ms / 1e3)
         fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
         rows.append(f"| {m.name} | {m.median_ms:.1f} | {m.min_ms:.1f}-{m.max_ms:.1f} | "
                     f"{fmt(base and m.median_ms / base, '{:.2f}x')} | {rate:.1f} | {rate / ceiling:.0%} | "
-                    f"{fmt(m.compile_s)} | {fmt(m.temp_mb)} | {fmt(m.argument_mb)} | {fmt(m.output_mb)} |")
+                    f"{fmt(roof and m.median_ms / roof, '{:.1f}x')} | {fmt(m.compile_s)} | {fmt(m.temp_mb)} | "
+                    f"{fmt(m.argument_mb)} | {fmt(m.output_mb)} |")
     return "\n".join(rows)
 
 

@@ -28,14 +28,14 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxcnn import _malloc, parallel
 from jaxcnn import augment as augmentation
 from jaxcnn import data as datasets
 from jaxcnn import objective as obj
-from jaxcnn import parallel
 from jaxcnn import tensorboard as tb
 from jaxcnn._io import atomic_path, atomic_write, strict_json
 from jaxcnn.checkpoint import list_states, newest_state, save_model, save_state
-from jaxcnn.network import Conv, Sequential, describe
+from jaxcnn.network import Conv, Residual, Sequential, describe
 from jaxcnn.ops import _args
 from jaxcnn.ops.conv import resolve as resolve_rule
 
@@ -67,7 +67,7 @@ class TrainConfig:
     loss: str = "ce"
     C: float | None = None
     grad: str = "hand"
-    rule: str | None = None  # None: the backend's faster rule (conv2d's default); "auto": timed (jaxcnn.autotune)
+    rule: str | None = "auto"  # timed on this machine (jaxcnn.autotune); None: the backend's default (conv2d's)
     seed: int = 0
     val_fraction: float = 0.1
     # optimizer = "newton" (simpleNN's Newton method, jaxcnn.newton): iterations instead of epochs
@@ -409,11 +409,25 @@ def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None
     timed at the batch each device computes."""
     from jaxcnn import autotune
 
-    if jax.process_count() > 1:  # each process would time on its own and might choose another rule
-        raise ValueError("train: rule='auto' is for one process; with several, name the rule (--rule im2col or "
-                         "--rule flip; `jaxcnn bench --tune` shows which is faster here)")
     per_device = max(1, cfg.batch_size // parallel.make_mesh(devices).size)
-    return autotune.tune(net, prep.input_shape, per_device, log=log)[0]
+    dtype = cfg.compute_dtype or jnp.float32
+    if jax.process_count() > 1:  # each process would time on its own and might choose another rule
+        rule, store_phi = resolve_rule("train", None, None)
+        log(f"rule auto: {autotune.label(rule, store_phi)}, the backend's default, for the conv layers (several "
+            f"processes: each would time on its own and might choose another; --rule names one)")
+        return autotune.uniform(net, rule, store_phi)
+    return autotune.tune(net, prep.input_shape, per_device, dtype, log=log, min_flops=autotune.MIN_FLOPS)[0]
+
+
+def conv_rules(net: Sequential, default: str, prefix: str = "") -> dict[str, str]:
+    """Each conv layer's rule, by name (``res2/conv1`` inside residual blocks), ``default`` for those naming none."""
+    rules = {}
+    for name, layer in zip(net.names, net.layers):
+        if isinstance(layer, Residual):
+            rules.update(conv_rules(layer.body, default, f"{prefix}{name}/"))
+        elif isinstance(layer, Conv):
+            rules[prefix + name] = (layer.rule or default) + (" (phi stored)" if layer.store_phi else "")
+    return rules
 
 
 def make_step(net: Sequential, tx: optax.GradientTransformation, cfg: TrainConfig, mesh, skip: bool = False):
@@ -606,7 +620,8 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     log(f"{recipe} on {prep.name}: {len(prep.x_fit)} training, {len(prep.x_val)} validation, "
         f"{len(prep.x_test)} test images {'x'.join(map(str, prep.input_shape))}; "
         f"{net.num_params(prep.input_shape):,} parameters; grad={cfg.grad}, rule={rule}, precision={cfg.precision}; "
-        f"{mesh.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
+        f"{mesh.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); malloc: "
+        f"{_malloc.allocator()}")
     if cfg.optimizer == "newton":
         from jaxcnn.newton import objective_c, store_plan
 
@@ -691,10 +706,10 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
                "best_epoch": result.best_epoch, "seconds": seconds, "grad": cfg.grad, "rule": rule,
                "recipe": recipe, "dataset": prep.name, "skipped_steps": result.skipped, "resumed": bool(resume_from),
                "device": jax.devices()[0].device_kind, "devices": mesh.size, "processes": jax.process_count(),
-               "jax": jax.__version__, "versions": versions(), "train": dataclasses.asdict(cfg),
+               "jax": jax.__version__, "versions": versions(), "allocator": _malloc.allocator(),
+               "train": dataclasses.asdict(cfg),
                "network": net.to_config(),
-               "conv_rules": {name: (layer.rule or rule) + (" (phi stored)" if layer.store_phi else "")
-                              for name, layer in zip(net.names, net.layers) if isinstance(layer, Conv)}}
+               "conv_rules": conv_rules(net, resolve_rule("train", cfg.op_rule, None)[0])}
     if main:
         save_model(out / "model.safetensors", net, result.params, prep.mean,
                    {**meta, "epoch": result.best_epoch, "test": result.test}, state=result.state)

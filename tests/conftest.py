@@ -8,7 +8,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_gpu
 
 import tempfile
 
-# rule="auto" caches its timings per machine (jaxcnn.autotune); the tests keep theirs apart from the user's.
+# rule="auto" caches its timings per machine (jaxcnn.autotune); the tests keep theirs apart from the user's, and
+# each test starts from an empty cache (``fresh_rule_cache``), so no timing one test stored decides another's rules.
 os.environ.setdefault("JAXCNN_CACHE_DIR", tempfile.mkdtemp(prefix="jaxcnn-test-cache-"))
 
 import jax
@@ -32,6 +33,11 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_rule_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path_factory.mktemp("rule-cache")))
 
 
 def pytest_sessionfinish(session):

@@ -5,7 +5,7 @@ import contextlib
 import json
 
 import jaxcnn as jc
-from jaxcnn import autotune, checkpoint, cli
+from jaxcnn import autotune, bench, checkpoint, cli
 
 
 def fake_timings(fastest):
@@ -73,6 +73,7 @@ def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatc
 def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(autotune, "time_network", fake_timings("fused, flip")[0])
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0)  # digits-cnn's step is too small to be timed otherwise
     out = tmp_path / "run"
     assert cli.main(["train", "--rule", "auto", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
     assert "rule auto: fused, flip for the conv layers" in capsys.readouterr().out
@@ -92,6 +93,7 @@ def test_resume_keeps_the_rules_the_run_chose(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(autotune, "time_network", fake_timings("flip")[0])
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0)
     out = tmp_path / "run"
     crash_after(1, monkeypatch)
     with contextlib.suppress(KeyboardInterrupt):
@@ -105,3 +107,52 @@ def test_resume_keeps_the_rules_the_run_chose(tmp_path, monkeypatch, capsys):
     resumed = capsys.readouterr().out
     assert "resuming" in resumed and "rule auto:" not in resumed, resumed  # nothing timed or chosen again
     assert checkpoint.load_model(out).network == autotune.uniform(jc.preset("digits-cnn"), "flip", False)
+
+
+def test_residual_bodies_are_tuned_and_a_small_step_takes_the_default_untimed(tmp_path, monkeypatch):
+    """The candidate reaches the conv layers inside residual blocks; a geometry below ``min_flops`` that the cache
+    lacks is not timed and gets the backend's default, written into the layers (a resume reuses it); one the
+    cache holds uses the timings."""
+    net = jc.Sequential([jc.Conv(4, 3, padding=1), jc.Residual([jc.Conv(4, 3, padding=1), jc.ReLU(),
+                                                                jc.Conv(6, 3, stride=2, padding=1)]),
+                         jc.GlobalAvgPool(), jc.Dense(3)])
+    cache, lines = tmp_path / "rules.json", []
+    monkeypatch.setattr(autotune, "time_network", fake_timings("flip")[0])
+    tuned, _ = autotune.tune(net, (8, 8, 1), 4, cache=cache, log=lines.append)
+    inner = tuned.layers[1].layers
+    assert [(c.rule, c.store_phi) for c in (tuned.layers[0], inner[0], inner[2])] == [("flip", False)] * 3
+
+    def untimed(*args, **kwargs):
+        raise AssertionError("timed a step below min_flops")
+
+    monkeypatch.setattr(autotune, "time_network", untimed)
+    assert autotune.tune(net, (8, 8, 1), 4, cache=cache, log=lines.append, min_flops=1e12)[0] == tuned  # cached
+    flops = bench.count_flops(net, (8, 8, 1), 2)
+    small, choice = autotune.tune(net, (8, 8, 1), 2, cache=cache, log=lines.append, min_flops=flops + 1)
+    rule, store_phi = jc.ops.conv.resolve("test", None, None)
+    assert small == autotune.uniform(net, rule, store_phi) and choice["ms"] is None and not choice["measured"]
+    assert "the backend's default" in lines[-1] and f"{flops / 1e9:.2g} GFLOP" in lines[-1], lines[-1]
+
+
+def test_the_trainer_tunes_by_default_and_falls_back_with_several_processes(tmp_path, monkeypatch, capsys):
+    import types
+
+    import jax
+
+    from jaxcnn import _malloc, train
+
+    assert train.TrainConfig().rule == "auto"
+    default = autotune.label(*jc.ops.conv.resolve("test", None, None))  # "im2col (phi stored)" on CPU
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0  # digits: under 1 GFLOP
+    assert f"rule auto: {default}, the backend's default" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["conv_rules"] == {"conv1": default, "conv2": default}
+    assert summary["allocator"] == _malloc.allocator()  # this process: cli.main(argv) does not re-execute
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    lines = []
+    prep = types.SimpleNamespace(input_shape=(8, 8, 1))
+    net = train.tuned(jc.preset("digits-cnn"), prep, train.TrainConfig(), None, lines.append)
+    assert net == autotune.uniform(jc.preset("digits-cnn"), *jc.ops.conv.resolve("test", None, None))
+    assert "several processes" in lines[0]

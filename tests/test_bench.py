@@ -2,6 +2,7 @@
 and the command (PyTorch is not installed in CI; its mirror is exercised where it is)."""
 
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,24 @@ def test_flops_count_the_layers_inside_residual_blocks():
     assert bench.count_flops(with_block, (8, 8, 3), 16) == bench.count_flops(chain, (8, 8, 3), 16) + projection
 
 
+def test_bytes_moved_are_the_hand_count():
+    net = jc.Sequential([jc.Conv(2, 3, padding=1), jc.ReLU(), jc.Flatten(), jc.Dense(3)])
+    activations = 32 + 32 + 32 + 3  # conv, relu, flatten outputs (4x4x2) and the logits
+    params = (3 * 3 * 1 * 2 + 2) + (32 * 3 + 3)
+    assert bench.count_bytes(net, (4, 4, 1), 5) == 4 * (5 * (5 * activations + 2 * 16) + 10 * params)
+    assert bench.count_bytes(net, (4, 4, 1), 5, jnp.bfloat16) == 2 * (5 * (5 * activations + 2 * 16) + 10 * params)
+    body = [jc.Conv(8, 3, stride=2, padding=1), jc.ReLU(), jc.Conv(8, 3, padding=1)]
+    stem = jc.Conv(4, 3, padding=1)
+    with_block = jc.Sequential([stem, jc.Residual(body), jc.GlobalAvgPool(), jc.Dense(3)])
+    chain = jc.Sequential([stem, *body, jc.GlobalAvgPool(), jc.Dense(3)])
+    join, projection = 4 * 4 * 8, 4 * 8  # the sum's output (the body's last shape) and the 1x1 kernel
+    assert bench.count_bytes(with_block, (8, 8, 3), 16) == bench.count_bytes(chain, (8, 8, 3), 16) + \
+        4 * (16 * 5 * join + 10 * projection)
+    assert bench.roofline_ms(2e9, 1e9, ceiling=100.0, bandwidth=10.0) == 100.0  # memory-bound: 1 GB at 10 GB/s
+    assert bench.roofline_ms(2e9, 1e8, ceiling=100.0, bandwidth=10.0) == 20.0  # compute-bound
+    assert bench.memory_bandwidth(megabytes=4) > 0
+
+
 def test_xla_baseline_computes_our_network():
     params = NET.init(jax.random.key(0), SHAPE, dtype=jnp.float64)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, *SHAPE)))
@@ -66,10 +85,35 @@ def test_flax_mirror_has_our_shapes():
     assert bench.flax_loss(model, True)(variables, x, jnp.array([0, 1])).shape == ()
 
 
-def test_torch_mirror_runs_a_step():
+RESNET = jc.Sequential([jc.Conv(4, 3, padding=1, bias=False), jc.BatchNorm(), jc.LeakyReLU(0.1),
+                        jc.Residual([jc.Conv(4, 3, padding=1), jc.BatchNorm(), jc.GELU()]),
+                        jc.Residual([jc.Conv(6, 3, stride=2, padding=1), jc.BatchNorm(), jc.ELU(0.5)]),
+                        jc.Dropout(0.0), jc.GlobalAvgPool(), jc.Dense(5), jc.BatchNorm(), jc.Tanh(), jc.Dense(3)])
+
+
+@pytest.mark.parametrize("net, shape", [(NET, SHAPE), (RESNET, (9, 10, 2))], ids=["chain", "resnet"])
+def test_torch_mirror_is_our_network_with_our_gradients(net, shape):
+    """The PyTorch baseline computes the same function with the same parameter gradients (training mode), in
+    float64 (dropout, left out of the mirror, at rate 0)."""
     if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed")
-    step = bench.torch_step(NET, SHAPE, 4, channels_last=True)
+        pytest.skip("torch is not installed (not a dependency)")
+    import torch
+
+    from jaxcnn import torch_mirror
+
+    params = net.init(jax.random.key(1), shape, dtype=jnp.float64)
+    x = np.random.default_rng(0).normal(size=(4, *shape))
+    y = np.array([0, 2, 1, 2])
+    loss = lambda p: -jnp.mean(jax.nn.log_softmax(net.forward(p, x, train=True)[0][-1])[np.arange(4), y])
+    value, grads = jax.value_and_grad(loss)(params)
+    model = torch_mirror.module(net, shape, params).to(torch.float64)
+    out = torch.nn.functional.cross_entropy(model(torch.from_numpy(x.transpose(0, 3, 1, 2))), torch.from_numpy(y))
+    out.backward()
+    np.testing.assert_allclose(out.item(), value, rtol=1e-12)
+    twin = torch_mirror.module(net, shape, grads)  # our gradients, laid out as PyTorch's parameters
+    for (name, p), (_, g) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        np.testing.assert_allclose(p.grad.numpy(), g.detach().numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+    step = bench.torch_step(net, shape, 4, channels_last=True)
     step()
     assert "torch" in step.note
 
@@ -77,23 +121,24 @@ def test_torch_mirror_runs_a_step():
 def test_run_and_table(monkeypatch):
     """Every variant is timed, the baselines of other libraries included: stand-ins for PyTorch's steps here
     (not installed in CI), whose rows must appear (they were once dropped without a word)."""
-    def stand_in(net, input_shape, batch, channels_last, dtype):
-        def step():
-            pass
+    def stand_in(net, input_shape, batch, channels_last, dtype, compiled):
+        def step():  # as torch.compile does, it leaves a variable in the environment
+            os.environ["JAXCNN_TEST_STAND_IN"] = "1"
         step.note = "stand-in"
         return step
 
     monkeypatch.setattr(bench, "torch_step", stand_in)
     result = bench.run("digits-cnn", (8, 8, 1), 8, steps=2)
+    assert "JAXCNN_TEST_STAND_IN" not in os.environ  # the environment later subprocesses inherit is restored
     names = [m.name for m in result["measurements"]]
     assert {"hand im2col", "hand flip", "hand fused", "hand auto", "autodiff", "xla autodiff", "pytorch",
-            "pytorch channels_last"} <= set(names)
+            "pytorch channels_last", "pytorch channels_last, compiled"} <= set(names)
     assert ("flax" in names) == (importlib.util.find_spec("flax") is not None)
     assert all(m.median_ms > 0 and m.min_ms <= m.median_ms <= m.max_ms for m in result["measurements"])
     assert all(m.compile_s > 0 and m.temp_mb is not None for m in result["measurements"]
                if not m.name.startswith(("flax", "pytorch")))
-    table = bench.table(result, ceiling=100.0)
-    assert "| xla autodiff |" in table and "| 1.00x |" in table
+    table = bench.table(result, ceiling=100.0, bandwidth=10.0)
+    assert "| xla autodiff |" in table and "| 1.00x |" in table and "x roofline" in table
 
 
 def test_block_memory_rows():
@@ -105,7 +150,7 @@ def test_block_memory_rows():
 def test_bench_command(capsys):
     assert cli.main(["bench", "--preset", "digits-cnn", "--batch-size", "8", "--steps", "1", "--no-torch"]) == 0
     out = capsys.readouterr().out
-    assert "GFLOP per step (counted by hand)" in out and "| hand im2col |" in out
+    assert "GB moved per step (counted by hand)" in out and "roofline" in out and "| hand im2col |" in out
 
 
 def test_pool_times_rows():
