@@ -130,6 +130,14 @@ def _given(layer: nw.Layer, rule: str, store_phi: bool) -> nw.Layer:
     return dataclasses.replace(layer, rule=rule, store_phi=store_phi) if _open(layer) else layer
 
 
+def backend_default(net: nw.Sequential, log: Callable[[str], None], why: str) -> nw.Sequential:
+    """``net`` with the backend's default rule written into every open conv layer (so a resume reuses it),
+    untimed, logged with ``why``."""
+    rule, store_phi = conv.resolve("rule auto", None, None)
+    log(f"rule auto: {label(rule, store_phi)}, the backend's default, for the conv layers ({why})")
+    return uniform(net, rule, store_phi)
+
+
 def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repeats: int = 7) -> dict[str, float]:
     """The fastest of ``repeats`` timings (seconds) of one jitted gradient of the objective (softmax
     cross-entropy) on a random batch, for each candidate given to every open conv layer: label -> s. The
@@ -170,11 +178,9 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     measured = remeasure or not _complete(entries.get(key), net)
     if measured and (flops := bench.count_flops(net, input_shape, batch)) < min_flops:
         rule, store_phi = conv.resolve("rule auto", None, None)
-        log(f"rule auto: {label(rule, store_phi)}, the backend's default, for the conv layers (a step of "
-            f"{flops / 1e9:.2g} GFLOP is too small for timing the rules to pay: below {min_flops / 1e9:g}; "
-            f"`jaxcnn bench --tune` times them)")
-        return uniform(net, rule, store_phi), {"rule": rule, "store_phi": store_phi, "fused": False, "ms": None,
-                                               "measured": False}
+        return backend_default(net, log, f"a step of {flops / 1e9:.2g} GFLOP is too small for timing the rules to "
+                                         f"pay: below {min_flops / 1e9:g}; `jaxcnn bench --tune` times them"), \
+            {"rule": rule, "store_phi": store_phi, "fused": False, "ms": None, "measured": False}
     if measured:
         seconds = time_network(net, input_shape, batch, dtype)
         entries[key] = {name: round(s * 1e3, 4) for name, s in seconds.items()}

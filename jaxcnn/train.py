@@ -409,14 +409,12 @@ def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None
     timed at the batch each device computes."""
     from jaxcnn import autotune
 
+    if jax.process_count() > 1:
+        return autotune.backend_default(net, log, "several processes: each would time on its own and might choose "
+                                                  "another; --rule names one")
     per_device = max(1, cfg.batch_size // parallel.make_mesh(devices).size)
-    dtype = cfg.compute_dtype or jnp.float32
-    if jax.process_count() > 1:  # each process would time on its own and might choose another rule
-        rule, store_phi = resolve_rule("train", None, None)
-        log(f"rule auto: {autotune.label(rule, store_phi)}, the backend's default, for the conv layers (several "
-            f"processes: each would time on its own and might choose another; --rule names one)")
-        return autotune.uniform(net, rule, store_phi)
-    return autotune.tune(net, prep.input_shape, per_device, dtype, log=log, min_flops=autotune.MIN_FLOPS)[0]
+    return autotune.tune(net, prep.input_shape, per_device, cfg.compute_dtype or jnp.float32, log=log,
+                         min_flops=autotune.MIN_FLOPS)[0]
 
 
 def conv_rules(net: Sequential, default: str, prefix: str = "") -> dict[str, str]:
