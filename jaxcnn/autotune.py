@@ -2,7 +2,8 @@
 benchmark mode does, and kept in an on-disk cache.
 
 Which rule is fastest depends on the machine, not on the math: the im2col products (Lin eq. 12, 14, 18, with
-phi(pad(Z)) stored in the forward pass or rebuilt in the backward pass) or Ray's flip rule (XLA's convolutions).
+phi(pad(Z)) stored in the forward pass, rebuilt in the backward pass, or built a block of examples at a
+time in both: ``block``) or Ray's flip rule (XLA's convolutions).
 On one 2-core CPU im2col wins by 2x, on another 2-core CPU with a 6x faster matrix unit flip wins by 15%, and on
 GPUs flip wins (BENCHMARKS.md). So ``tune`` times one jitted gradient of the network's objective (forward and
 backward of every layer: what a training step computes) at the run's input shape, batch and dtype with each
@@ -20,7 +21,7 @@ busy machine, can choose differently, so a run records the rules it used (its ne
 reuses them.
 
 It is the trainer's default (``TrainConfig.rule = "auto"``). A step under ``MIN_FLOPS`` that the cache does not
-hold is not timed (compiling six candidates would cost more than such a run could gain): it takes the backend's
+hold is not timed (compiling eight candidates would cost more than such a run could gain): it takes the backend's
 default, written into the layers like a timed choice.
 """
 
@@ -42,7 +43,8 @@ from jaxcnn import network as nw
 from jaxcnn._io import atomic_write, strict_json
 from jaxcnn.ops import conv
 
-RULES = (("im2col", True), ("im2col", False), ("flip", False))  # (rule, store_phi)
+# (rule, store_phi, block): phi(pad(Z)) stored, rebuilt for the whole batch, built block by block; XLA's convolutions
+RULES = (("im2col", True, None), ("im2col", False, None), ("im2col", False, "auto"), ("flip", False, None))
 # A training step below this many FLOPs (bench.count_flops) is not timed by the trainer's rule="auto": its layers
 # are small, a step takes milliseconds, and timing the candidates (compiling each) would cost more than the run
 # could gain; it takes the backend's default. `jaxcnn bench --tune` times it all the same.
@@ -50,14 +52,15 @@ MIN_FLOPS = 1e9
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
 
 
-def label(rule: str, store_phi: bool | None, fused: bool = False) -> str:
-    """A candidate's name in logs, the cache and ``summary.json``: ``im2col (phi stored)``, ``im2col``, ``flip``,
-    each with ``fused, `` in front for the network with Lin's fused blocks."""
-    return f"{'fused, ' if fused else ''}{rule}{' (phi stored)' if store_phi else ''}"
+def label(rule: str, store_phi: bool | None, block=None, fused: bool = False) -> str:
+    """A candidate's name in logs, the cache and ``summary.json``: ``im2col (phi stored)``, ``im2col``,
+    ``im2col (phi in blocks)``, ``flip``, each with ``fused, `` in front for the network with Lin's fused blocks."""
+    return f"{'fused, ' if fused else ''}{rule}{' (phi stored)' if store_phi else ''}" \
+           f"{' (phi in blocks)' if block is not None else ''}"
 
 
-def candidates(net: nw.Sequential) -> list[tuple[str, bool, bool]]:
-    """(rule, store_phi, fused) to time: each rule, on the network as given and, where it has Conv -> ReLU ->
+def candidates(net: nw.Sequential) -> list[tuple[str, bool, str | None, bool]]:
+    """(rule, store_phi, block, fused) to time: each rule, on the network as given and, where it has Conv -> ReLU ->
     MaxPool runs, on its fused form (``Sequential.fuse``: the same function and params)."""
     return [(*rule, fused) for fused in ((False, True) if net.fuse() != net else (False,)) for rule in RULES]
 
@@ -110,24 +113,26 @@ def geometry_key(net: nw.Sequential, input_shape: tuple, batch: int, dtype) -> s
     return json.dumps([2, layers, list(input_shape), batch, jnp.dtype(dtype).name], default=str)
 
 
-def uniform(net: nw.Sequential, rule: str, store_phi: bool, fused: bool = False) -> nw.Sequential:
+def uniform(net: nw.Sequential, rule: str, store_phi: bool, block=None, fused: bool = False) -> nw.Sequential:
     """``net`` (fused first if ``fused``) with every conv layer that names no rule, those in residual blocks
-    included, given ``rule`` and ``store_phi`` (a block's 1x1 projection takes the backend's default)."""
+    included, given ``rule``, ``store_phi`` and ``block`` (a residual block's 1x1 projection takes the backend's
+    default)."""
     net = net.fuse() if fused else net
-    return nw.Sequential([_given(layer, rule, store_phi) for layer in net.layers], name=net.name)
+    return nw.Sequential([_given(layer, rule, store_phi, block) for layer in net.layers], name=net.name)
 
 
 def _open(layer: nw.Layer) -> bool:
     """A conv layer that names no rule, or a residual block with one in its body."""
     if isinstance(layer, nw.Residual):
         return any(_open(inner) for inner in layer.layers)
-    return isinstance(layer, nw.Conv) and layer.rule is None and layer.store_phi is None and layer.grad != "autodiff"
+    return isinstance(layer, nw.Conv) and layer.rule is None and layer.store_phi is None and layer.block is None \
+        and layer.grad != "autodiff"
 
 
-def _given(layer: nw.Layer, rule: str, store_phi: bool) -> nw.Layer:
+def _given(layer: nw.Layer, rule: str, store_phi: bool, block) -> nw.Layer:
     if isinstance(layer, nw.Residual):
-        return dataclasses.replace(layer, layers=tuple(_given(inner, rule, store_phi) for inner in layer.layers))
-    return dataclasses.replace(layer, rule=rule, store_phi=store_phi) if _open(layer) else layer
+        return dataclasses.replace(layer, layers=tuple(_given(inner, rule, store_phi, block) for inner in layer.layers))
+    return dataclasses.replace(layer, rule=rule, store_phi=store_phi, block=block) if _open(layer) else layer
 
 
 def backend_default(net: nw.Sequential, log: Callable[[str], None], why: str) -> nw.Sequential:
@@ -162,10 +167,10 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
          remeasure: bool = False, cache: Path | None = None, min_flops: float = 0) -> tuple[nw.Sequential, dict]:
     """``net`` (fused, if that won) with every conv layer that names no rule given the candidate fastest on this
     machine for a batch of ``batch`` images of ``input_shape`` (from the cache when it holds this geometry and
-    ``remeasure`` is off), and ``{"rule", "store_phi", "fused", "ms": {candidate: ms}, "measured": bool}`` (None
-    when no layer was open). New timings are written to the cache (atomically). A geometry the cache lacks whose
-    step counts fewer than ``min_flops`` (``bench.count_flops``) is not timed: its layers get the backend's default
-    rule (``ms`` None)."""
+    ``remeasure`` is off), and ``{"rule", "store_phi", "block", "fused", "ms": {candidate: ms}, "measured": bool}``
+    (None when no layer was open). New timings are written to the cache (atomically). A geometry the cache lacks
+    whose step counts fewer than ``min_flops`` (``bench.count_flops``) is not timed: its layers get the backend's
+    default rule (``ms`` None)."""
     if not any(_open(layer) for layer in net.layers):
         return net, None
     input_shape = tuple(input_shape)
@@ -180,7 +185,7 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
         rule, store_phi = conv.resolve("rule auto", None, None)
         return backend_default(net, log, f"a step of {flops / 1e9:.2g} GFLOP is too small for timing the rules to "
                                          f"pay: below {min_flops / 1e9:g}; `jaxcnn bench --tune` times them"), \
-            {"rule": rule, "store_phi": store_phi, "fused": False, "ms": None, "measured": False}
+            {"rule": rule, "store_phi": store_phi, "block": None, "fused": False, "ms": None, "measured": False}
     if measured:
         seconds = time_network(net, input_shape, batch, dtype)
         entries[key] = {name: round(s * 1e3, 4) for name, s in seconds.items()}
@@ -193,5 +198,6 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     timings = ", ".join(f"{name} {value:.2f}" for name, value in ms.items())
     log(f"rule auto: {label(*best)} for the conv layers ({timings} ms per gradient of the network; "
         f"{'measured now' if measured else 'timed earlier, ' + str(cache)})")
-    rule, store_phi, fused = best
-    return uniform(net, *best), {"rule": rule, "store_phi": store_phi, "fused": fused, "ms": ms, "measured": measured}
+    rule, store_phi, block, fused = best
+    return uniform(net, *best), {"rule": rule, "store_phi": store_phi, "block": block, "fused": fused, "ms": ms,
+                                 "measured": measured}

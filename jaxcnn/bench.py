@@ -7,11 +7,12 @@ the notes (the three products of each conv layer and of each dense layer: what a
 the achieved GFLOP/s and its share of a measured matmul ceiling, and the time relative to XLA's own convolution
 differentiated by autodiff (the baseline every JAX user starts from).
 
-Variants: ``hand im2col`` (with the backend's default ``store_phi``) and the same with the other setting of
-Lin's space-for-time switch, ``hand flip``, ``hand fused`` (Lin's conv-ReLU-pool block with the backend's default
-rule), ``autodiff`` (JAX through our forward), ``xla autodiff`` (``lax.conv_general_dilated`` +
-``lax.reduce_window``), ``flax`` (linen, if installed: ``pip install jaxcnn[bench]``), ``pytorch`` and ``pytorch
-channels_last`` (if torch is importable; on the GPU when JAX runs on one).
+Variants: ``hand im2col`` (with the backend's default ``store_phi``), the same with the other setting of Lin's
+space-for-time switch and with phi(pad(Z)) built in blocks (``block="auto"``), ``hand flip``, ``hand fused`` (Lin's
+conv-ReLU-pool block with the backend's default rule; and in blocks), ``autodiff`` (JAX through our forward), ``xla
+autodiff`` (``lax.conv_general_dilated`` + ``lax.reduce_window``), ``flax`` (linen, if installed: ``pip install
+jaxcnn[bench]``), ``pytorch`` and ``pytorch channels_last`` (if torch is importable; on the GPU when JAX runs on
+one).
 
 Also: ``profile`` (a step's per-op time from ``jax.profiler``, grouped by the JAX operation each op comes from),
 ``pool_times`` (max pooling's gradient alone, hand vs XLA) and ``block_memory`` (the fused block's compiled
@@ -230,9 +231,9 @@ XLA_ELEMENTWISE = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.t
                    "softmax": jax.nn.softmax, "global_avg_pool": lambda x: jnp.mean(x, axis=(1, 2))}
 
 
-def with_store_phi(net: nw.Sequential, store_phi: bool | None) -> nw.Sequential:
-    """The network with every conv layer's ``store_phi`` set."""
-    return nw.Sequential([dataclasses.replace(layer, store_phi=store_phi) if isinstance(layer, nw.Conv) else layer
+def with_conv(net: nw.Sequential, **settings) -> nw.Sequential:
+    """The network with ``settings`` (``store_phi``, ``block``) given to every conv layer of its top level."""
+    return nw.Sequential([dataclasses.replace(layer, **settings) if isinstance(layer, nw.Conv) else layer
                           for layer in net.layers], name=net.name)
 
 
@@ -245,10 +246,12 @@ def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
     store = conv.resolve("bench", "im2col", None)[1]  # conv2d's default for the im2col rule on this backend
     variants = {
         "hand im2col": ours(net, "hand", "im2col"),
-        f"hand im2col, phi {'recomputed' if store else 'stored'}": ours(with_store_phi(net, not store), "hand",
+        f"hand im2col, phi {'recomputed' if store else 'stored'}": ours(with_conv(net, store_phi=not store), "hand",
                                                                         "im2col"),
+        "hand im2col, phi in blocks": ours(with_conv(net, block="auto"), "hand", "im2col"),
         "hand flip": ours(net, "hand", "flip"),
         "hand fused": ours(fused, "hand", None) if fused != net else None,
+        "hand fused, phi in blocks": ours(with_conv(fused, block="auto"), "hand", "im2col") if fused != net else None,
         "autodiff": ours(net, "autodiff", "im2col"),
         "xla autodiff": lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(xla_apply(net, p, x),
                                                                                         y).mean(),
@@ -585,6 +588,7 @@ def block_memory(batch: int = 128, shape=(14, 14, 32), features: int = 64) -> li
         "fused, flip": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="flip"),
         "fused, im2col": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="im2col", store_phi=False),
         "fused, im2col, phi stored": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, store_phi=True),
+        "fused, im2col, phi in blocks": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, block="auto"),
         "xla autodiff chain": xla_chain,
     }
     out = []

@@ -130,6 +130,7 @@ class Conv(Layer):
     grad: str | None = None
     rule: str | None = None
     store_phi: bool | None = None
+    block: int | str | None = None
     type: ClassVar[str] = "conv"
     prefix: ClassVar[str] = "conv"
 
@@ -137,7 +138,14 @@ class Conv(Layer):
         _check_features(self.type, self.features)
         _check_init(self.type, self.init)
         _check_mode(self.type, self.grad)
-        resolve_rule(self.type, self.rule, self.store_phi)
+        resolve_rule(self.type, self.rule, self.store_phi, self.block)
+        if self.block is not None:
+            if not (self.block == "auto" or (type(self.block) is int and self.block >= 1)):
+                raise ValueError(f"{self.type}: block must be None, 'auto' or an int >= 1 (examples per block of "
+                                 f"phi(pad(Z))), got {self.block!r}")
+            if self.rule == "flip" or self.store_phi:
+                raise ValueError(f"{self.type}: block applies to rule='im2col' with phi(pad(Z)) not stored, got "
+                                 f"rule={self.rule!r}, store_phi={self.store_phi!r}")
 
     def param_shapes(self, in_shape):
         kh, kw = _args.positive_pair(self.type, "kernel", self.kernel)
@@ -151,7 +159,7 @@ class Conv(Layer):
     def apply(self, params, x, *, grad, rule):
         return ops.conv2d(x, params["w"], params.get("b"), stride=self.stride, padding=self.padding,
                           dilation=self.dilation, grad=self.grad or grad, rule=self.rule or rule,
-                          store_phi=self.store_phi)
+                          store_phi=self.store_phi, block=self.block)
 
 
 @dataclass(frozen=True)
@@ -168,7 +176,7 @@ class ConvReLUPool(Conv):
     def apply(self, params, x, *, grad, rule):
         return ops.conv_relu_pool(x, params["w"], params.get("b"), stride=self.stride, padding=self.padding,
                                   dilation=self.dilation, pool=self.pool, grad=self.grad or grad,
-                                  rule=self.rule or rule, store_phi=self.store_phi)
+                                  rule=self.rule or rule, store_phi=self.store_phi, block=self.block)
 
 
 @dataclass(frozen=True)

@@ -424,7 +424,8 @@ def conv_rules(net: Sequential, default: str, prefix: str = "") -> dict[str, str
         if isinstance(layer, Residual):
             rules.update(conv_rules(layer.body, default, f"{prefix}{name}/"))
         elif isinstance(layer, Conv):
-            rules[prefix + name] = (layer.rule or default) + (" (phi stored)" if layer.store_phi else "")
+            rules[prefix + name] = (layer.rule or default) + (" (phi stored)" if layer.store_phi else "") + \
+                (f" (phi in blocks: {layer.block})" if layer.block is not None else "")
     return rules
 
 

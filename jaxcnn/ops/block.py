@@ -41,11 +41,12 @@ def conv_relu_pool(
     grad: str = "hand",
     rule: str | None = None,
     store_phi: bool | None = None,
+    block: int | str | None = None,
 ) -> jax.Array:
     """``max_pool2d(relu(conv2d(x, w, b)), pool)`` as one op whose hand backward is Lin eq. (24), (26)-(28).
 
     Args:
-      x, w, b, stride, padding, dilation, rule, store_phi: as ``conv2d``.
+      x, w, b, stride, padding, dilation, rule, store_phi, block: as ``conv2d``.
       pool: max-pooling window, int or (ph, pw); its stride is the window (non-overlapping, as in Lin).
       grad: "hand" (fused rule, saves only Z^m, Z^{m+1} and P_pool), "autodiff" (JAX through the same chain) or
         "tangent" (eq. 24 applied to tangents as a custom JVP, for forward mode: jax.jvp; docs/formulas.md).
@@ -58,18 +59,20 @@ def conv_relu_pool(
     pool_window = pool_geometry(op, pool)
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
-    rule, store_phi = conv.resolve(op, rule, store_phi)
-    conv.check_size(op, x, w, window, rule, store_phi)
+    rule, store_phi = conv.resolve(op, rule, store_phi, block)
+    block = conv.block_size(op, block, x, w, window, rule, store_phi)
+    conv.check_size(op, x, w, window, rule, store_phi, block)
     if grad == "autodiff":
-        return forward(window, pool_window, store_phi, x, w, b)
+        return forward(window, pool_window, store_phi, x, w, b, block)
     if grad == "tangent":
         return _tangent.call(conv_relu_pool_jvp, (x, w, b), stride=stride, padding=padding, dilation=dilation,
-                             pool=pool, rule=rule, store_phi=store_phi)
-    return _block_hand(rule, window, pool_window, store_phi, x, w, b)
+                             pool=pool, rule=rule, store_phi=store_phi, block=block)
+    return _block_hand(rule, window, pool_window, store_phi, block, x, w, b)
 
 
 def conv_relu_pool_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation=1, pool=2,
-                       rule: str | None = None, store_phi: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                       rule: str | None = None, store_phi: bool | None = None, block: int | str | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
     """The hand tangent rule of the fused block, Lin eq. (24) applied to tangents::
 
         dS          = W phi(pad(dZ^m)) + dW phi(pad(Z^m)) + db 1^T      (conv2d_jvp)
@@ -83,9 +86,10 @@ def conv_relu_pool_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, 
     x, w, b, window = conv.check(op, x, w, b, stride, padding, dilation)
     pool_window = pool_geometry(op, pool)
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
-    rule, store_phi = conv.resolve(op, rule, store_phi)
+    rule, store_phi = conv.resolve(op, rule, store_phi, block)
+    block = conv.block_size(op, block, x, w, window, rule, store_phi)
     dx, dw, db = _args.tangents_match(op, ("x", "w", "b"), (x, w, b), (dx, dw, db))
-    s, ds = conv.tangent(rule, window, store_phi, x, w, b, dx, dw, db)
+    s, ds = conv.tangent(rule, window, store_phi, x, w, b, dx, dw, db, block)
     z_next, index = max_with_index(pool_window, relu_forward(s))
     return z_next, passed(z_next) * pick(pool_window, index, ds)  # eq. (24): I[Z^{m+1}] (.) P_pool vec(dS)
 
@@ -97,27 +101,27 @@ def pool_geometry(op: str, pool) -> Window:
     return Window(size, size, (1, 1), ((0, 0), (0, 0)))
 
 
-def forward(window: Window, pool_window: Window, store_phi: bool, x, w, b) -> jax.Array:
+def forward(window: Window, pool_window: Window, store_phi: bool, x, w, b, block: int | None = None) -> jax.Array:
     """The one forward pass, shared by both gradient modes: conv, then ReLU, then max pooling."""
-    return max_forward(pool_window, relu_forward(conv.forward(window, store_phi, x, w, b)[0]))
+    return max_forward(pool_window, relu_forward(conv.forward(window, store_phi, x, w, b, block)[0]))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _block_hand(rule, window, pool_window, store_phi, x, w, b):
-    return forward(window, pool_window, store_phi, x, w, b)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _block_hand(rule, window, pool_window, store_phi, block, x, w, b):
+    return forward(window, pool_window, store_phi, x, w, b, block)
 
 
-def _block_hand_fwd(rule, window, pool_window, store_phi, x, w, b):
-    s, phi = conv.forward(window, store_phi, x, w, b)
+def _block_hand_fwd(rule, window, pool_window, store_phi, block, x, w, b):
+    s, phi = conv.forward(window, store_phi, x, w, b, block)
     z_next, index = max_with_index(pool_window, relu_forward(s))
     return z_next, (x, w, b, z_next, index, phi)
 
 
-def _block_hand_bwd(rule, window, pool_window, store_phi, res, delta):
+def _block_hand_bwd(rule, window, pool_window, store_phi, block, res, delta):
     x, w, b, z_next, index, phi = res
     delta = delta * passed(z_next)  # eq. (26): Delta (.) I[Z^{m+1}]
     delta = route(pool_window, index, delta, window.out_hw(x.shape[1:3]))  # ... P_pool
-    dx, dw, db = conv.backward(rule, window, x, w, delta, stored_phi=phi)  # eq. (27), (28); db eq. (14)
+    dx, dw, db = conv.backward(rule, window, x, w, delta, stored_phi=phi, block=block)  # eq. (27), (28), (14)
     return dx, dw, None if b is None else db
 
 

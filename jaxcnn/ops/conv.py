@@ -19,7 +19,15 @@ Backward, ``rule="im2col"`` (Lin, with Delta = dxi/dS)::
     db = Delta 1                             eq. (14)      ours: ones @ Delta, a product like eq. (12)
     dZ = vec(W^T Delta)^T P_phi P_pad        eq. (18)      ours: unpatches(Delta @ w2^T)
 
-Storing phi(pad(Z)) trades space, kh*kw times Z's size, for its second expansion.
+Storing phi(pad(Z)) trades space, kh*kw times Z's size, for its second expansion. ``block=B`` takes the other
+side of Lin's trade (phi(pad(Z)) "is a huge matrix") without XLA's convolution: eq. (3), (12) and (18) are sums
+over the instances i, so both passes build phi(pad(Z^i)) for B examples at a time and consume it at once::
+
+    S^i  = phi(pad(Z^i)) @ w2                    per block (eq. 3)
+    dW   = sum over blocks of phi(pad(Z^i))^T Delta^i     (eq. 12, accumulated)
+    dZ^i = unpatches(Delta^i @ w2^T)             per block (eq. 18)
+
+so at most one block's phi(pad(Z)) (``BLOCK_BYTES``, cache-sized, for ``block="auto"``) exists at any time.
 
 Backward, ``rule="flip"`` (Ray; DD2424 "write back-prop eqn through convolution as a convolution"). Ray derives it
 for stride 1 and no dilation; the general case, one channel pair, 0-based, Zp = pad(Z), stride s, dilation d::
@@ -63,6 +71,7 @@ def conv2d(
     grad: str = "hand",
     rule: str | None = None,
     store_phi: bool | None = None,
+    block: int | str | None = None,
 ) -> jax.Array:
     """2-D convolution ``S = W phi(pad(Z)) + b 1^T`` (Lin eq. 3) with a hand-derived or autodiff gradient.
 
@@ -82,28 +91,36 @@ def conv2d(
       store_phi: compute S as phi(pad(Z)) @ w2 and, with the im2col rule, keep phi(pad(Z)) for dW (Lin's
         space-for-time trade); False: XLA's convolution. Default (None): True on CPU with the im2col rule,
         else False. Applies to both gradient modes, which share the forward pass.
+      block: im2col rule, phi(pad(Z)) not stored: build phi(pad(Z)) for at most this many examples at a time,
+        in the forward and the backward pass (blocks of equal size: the largest divisor of N not above it), or
+        "auto": as many as fit in ``BLOCK_BYTES``. Memory for phi(pad(Z)) drops by N / block. None: the whole
+        batch at once.
 
     Returns:
       S, [N, Ho, Wo, C_out] with Ho = floor((H + top + bottom - dh*(kh-1) - 1) / sh) + 1 and likewise Wo.
     """
     x, w, b, window = check("conv2d", x, w, b, stride, padding, dilation)
     _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
-    rule, store_phi = resolve("conv2d", rule, store_phi)
-    check_size("conv2d", x, w, window, rule, store_phi)
+    rule, store_phi = resolve("conv2d", rule, store_phi, block)
+    block = block_size("conv2d", block, x, w, window, rule, store_phi)
+    check_size("conv2d", x, w, window, rule, store_phi, block)
     if grad == "autodiff":
-        return forward(window, store_phi, x, w, b)[0]
+        return forward(window, store_phi, x, w, b, block)[0]
     if grad == "tangent":
         return _tangent.call(conv2d_jvp, (x, w, b), stride=stride, padding=padding, dilation=dilation, rule=rule,
-                             store_phi=store_phi)
-    return _conv_hand(rule, window, store_phi, x, w, b)
+                             store_phi=store_phi, block=block)
+    return _conv_hand(rule, window, store_phi, block, x, w, b)
 
 
-def resolve(op: str, rule: str | None, store_phi: bool | None) -> tuple[str, bool]:
+def resolve(op: str, rule: str | None, store_phi: bool | None, block=None) -> tuple[str, bool]:
     """The hand rule and Lin's store_phi switch, checked, their defaults resolved per backend (the faster of each
     in BENCHMARKS.md): im2col with phi(pad(Z)) stored on CPU; the flip rule on accelerators, whose convolutions
-    (cuDNN on GPUs) beat phi(pad(Z)) products there. Asking to store phi(pad(Z)) implies the im2col rule."""
+    (cuDNN on GPUs) beat phi(pad(Z)) products there. Asking to store phi(pad(Z)) implies the im2col rule, and so
+    does a ``block``, which also implies not storing it."""
     if store_phi is not None and not isinstance(store_phi, bool):
         raise TypeError(f"{op}: store_phi must be True, False or None, got {store_phi!r}")
+    if block is not None:
+        rule, store_phi = rule or "im2col", False if store_phi is None else store_phi
     if rule is None:
         rule = "im2col" if store_phi or jax.default_backend() == "cpu" else "flip"
     _args.choice(op, "rule", rule, _args.CONV_RULES)
@@ -112,6 +129,30 @@ def resolve(op: str, rule: str | None, store_phi: bool | None) -> tuple[str, boo
     if store_phi and rule != "im2col":
         raise ValueError(f"{op}: store_phi applies to rule='im2col' (the flip rule does not use phi(pad(Z)))")
     return rule, store_phi
+
+
+BLOCK_BYTES = 4 * 2**20  # block="auto": phi(pad(Z)) of one block at most this size (fits a CPU's L2 + L3 share)
+
+
+def block_size(op: str, block, x: jax.Array, w: jax.Array, window: Window, rule: str, store_phi: bool) -> int | None:
+    """``block`` checked and resolved for a batch ``x``: examples per block of phi(pad(Z)), or None for the whole
+    batch at once. The blocks are of equal size: the largest divisor of N not above ``block``, or for "auto" not
+    above the examples whose phi(pad(Z)) fits in ``BLOCK_BYTES`` (at least 1). A block of the whole batch is None:
+    the unblocked computation."""
+    if block is None:
+        return None
+    if rule != "im2col" or store_phi:
+        raise ValueError(f"{op}: block applies to rule='im2col' with store_phi=False (phi(pad(Z)) built block by "
+                         f"block, never stored), got rule={rule!r}, store_phi={store_phi!r}")
+    if block == "auto":
+        per_example = math.prod(window.out_hw(x.shape[1:3])) * math.prod(w.shape[:3]) * x.dtype.itemsize
+        block = max(1, BLOCK_BYTES // per_example)
+    elif isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{op}: block must be None, 'auto' or an int >= 1 (at most that many examples per block "
+                         f"of phi(pad(Z))), got {block!r}")
+    n = x.shape[0]
+    block = max(d for d in range(1, min(block, n) + 1) if n % d == 0)  # blocks of equal size
+    return None if block == n else block
 
 
 def check(op: str, x, w, b, stride, padding, dilation) -> tuple[jax.Array, jax.Array, jax.Array | None, Window]:
@@ -148,14 +189,16 @@ def geometry(op: str, in_hw, kernel_hw, stride, padding, dilation) -> Window:
 MAX_ENTRIES = 2**31 - 1  # a stated bound on any array an op builds, checked before anything is allocated
 
 
-def check_size(op: str, x: jax.Array, w: jax.Array, window: Window, rule: str, store_phi: bool) -> None:
-    """The padded input, the output and (im2col rule) phi(pad(Z)) must each have at most ``MAX_ENTRIES`` entries:
-    a typo such as padding=10**4 would otherwise allocate tens of GB (or overflow 32-bit indexing)."""
+def check_size(op: str, x: jax.Array, w: jax.Array, window: Window, rule: str, store_phi: bool,
+               block: int | None = None) -> None:
+    """The padded input, the output and (im2col rule) phi(pad(Z)) (of one block, when blocked) must each have at
+    most ``MAX_ENTRIES`` entries: a typo such as padding=10**4 would otherwise allocate tens of GB (or overflow
+    32-bit indexing)."""
     n, c_in, c_out = x.shape[0], x.shape[3], w.shape[3]
     (ho, wo), (hp, wp) = window.out_hw(x.shape[1:3]), window.padded_hw(x.shape[1:3])
     arrays = {"padded input": (n, hp, wp, c_in), "output": (n, ho, wo, c_out)}
     if rule == "im2col" or store_phi:
-        arrays["phi(pad(Z))"] = (n, ho, wo, w.shape[0] * w.shape[1] * c_in)
+        arrays["phi(pad(Z))"] = (block or n, ho, wo, w.shape[0] * w.shape[1] * c_in)
     for what, shape in arrays.items():
         if math.prod(shape) > MAX_ENTRIES:
             raise ValueError(f"{op}: the {what} would have shape {shape}, {math.prod(shape):,} entries, more than "
@@ -176,17 +219,29 @@ def phi(window: Window, x: jax.Array) -> jax.Array:
     return cols.reshape(*cols.shape[:3], -1)
 
 
-def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.Array | None):
+def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.Array | None,
+            block: int | None = None):
     """The one forward pass of conv2d, shared by both gradient modes: (S, phi(pad(Z))) with S = W phi(pad(Z)) +
     b 1^T computed literally when ``store_phi`` (phi(pad(Z)) is then kept for eq. 12), else (S, None) with S by
-    XLA's convolution."""
-    if store_phi:
+    XLA's convolution, or literally ``block`` examples at a time."""
+    if block is not None:
+        p = None
+        s = by_blocks(block, lambda x: jnp.matmul(phi(window, x), w.reshape(-1, w.shape[3])), x)
+    elif store_phi:
         p = phi(window, x)
         s = jnp.matmul(p, w.reshape(-1, w.shape[3]))
     else:
         p = None
         s = correlate(window, x, w)
     return (s if b is None else s + b), p
+
+
+def by_blocks(block: int, f, *arrays):
+    """``f`` applied to ``block`` examples of ``arrays`` at a time (one after the other: ``lax.map``), its outputs
+    put back together along the batch axis."""
+    n = arrays[0].shape[0]
+    out = jax.lax.map(lambda a: f(*a), tuple(a.reshape(n // block, block, *a.shape[1:]) for a in arrays))
+    return jax.tree_util.tree_map(lambda o: o.reshape(n, *o.shape[2:]), out)
 
 
 def correlate(window: Window, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -196,7 +251,7 @@ def correlate(window: Window, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def conv2d_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation=1, rule: str | None = None,
-               store_phi: bool | None = None) -> tuple[jax.Array, jax.Array]:
+               store_phi: bool | None = None, block: int | str | None = None) -> tuple[jax.Array, jax.Array]:
     """The hand tangent rule (R-op) of ``conv2d``: ``(S, dS)`` for primals ``(x, w[, b])`` and tangents of the same
     structure (``None`` for a zero tangent), as ``jax.jvp`` returns them.
 
@@ -205,18 +260,25 @@ def conv2d_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation
         dS = W phi(pad(dZ)) + dW phi(pad(Z)) + db 1^T
 
     ``rule="im2col"`` computes both products on phi(pad(.)) (reusing phi(pad(Z)) when the forward stored it);
-    ``rule="flip"`` as the correlations W (*) dZ and dW (*) Z, the forward's own convolution (Ray's form).
-    Settings as ``conv2d``.
+    ``rule="flip"`` as the correlations W (*) dZ and dW (*) Z, the forward's own convolution (Ray's form);
+    with ``block``, both products block by block. Settings as ``conv2d``.
     """
     (x, w, b), (dx, dw, db) = _args.jvp_pairs("conv2d_jvp", primals, tangents, ("x", "w", "b"))
     x, w, b, window = check("conv2d_jvp", x, w, b, stride, padding, dilation)
-    rule, store_phi = resolve("conv2d_jvp", rule, store_phi)
+    rule, store_phi = resolve("conv2d_jvp", rule, store_phi, block)
+    block = block_size("conv2d_jvp", block, x, w, window, rule, store_phi)
     dx, dw, db = _args.tangents_match("conv2d_jvp", ("x", "w", "b"), (x, w, b), (dx, dw, db))
-    return tangent(rule, window, store_phi, x, w, b, dx, dw, db)
+    return tangent(rule, window, store_phi, x, w, b, dx, dw, db, block)
 
 
-def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db) -> tuple[jax.Array, jax.Array]:
+def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db, block: int | None = None
+            ) -> tuple[jax.Array, jax.Array]:
     """(S, dS) by the chosen rule (see ``conv2d_jvp``); a None tangent is zero and costs nothing."""
+    if block is not None:  # S and dS of each block by the unblocked im2col rule
+        of_block = lambda x, dx=None: tangent(rule, window, False, x, w, None, dx, dw, None)
+        s, ds = by_blocks(block, of_block, *((x,) if dx is None else (x, dx)))
+        s = s if b is None else s + b
+        return s, ds if db is None else ds + db
     s, p = forward(window, store_phi, x, w, b)
     terms = []
     if rule == "im2col":
@@ -233,8 +295,11 @@ def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db) -> 
     return s, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(s)
 
 
-def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, stored_phi=None):
+def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, stored_phi=None,
+             block: int | None = None):
     """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
+    if block is not None:
+        return _blocked_backward(window, x, w, delta, block)
     if rule == "im2col":
         return _im2col_backward(window, x, w, delta, stored_phi)
     return (*_flip_backward(window, x, w, delta), delta.sum(axis=(0, 1, 2)))  # db: eq. (14), Delta 1
@@ -253,6 +318,27 @@ def _im2col_backward(window: Window, x, w, delta, stored_phi=None):
     dphi = jnp.matmul(rows, w.reshape(-1, w.shape[3]).T, preferred_element_type=_args.compute_dtype(rows))
     cols = dphi.reshape(*delta.shape[:3], *w.shape[:3])  # [N, Ho, Wo, kh, kw, C_in]
     return unpatches(cols, window, x.shape[1:3]).astype(x.dtype), dw, db  # P_pad^T P_phi^T
+
+
+def _blocked_backward(window: Window, x, w, delta, block: int):
+    """The im2col rule ``block`` examples at a time: eq. (12) summed over the blocks (in float32 for narrower
+    dtypes, as XLA's products keep it), eq. (18) and col2im per block; eq. (14) over the whole Delta."""
+    n, acc = x.shape[0], _args.compute_dtype(delta)
+
+    def one_block(dw, blocks):
+        x, delta = blocks
+        rows = delta.reshape(-1, delta.shape[3])
+        p = phi(window, x)
+        dw = dw + jnp.matmul(p.reshape(rows.shape[0], -1).T, rows, preferred_element_type=acc)  # eq. (12)
+        dphi = jnp.matmul(rows, w.reshape(-1, w.shape[3]).T, preferred_element_type=acc)  # eq. (18)
+        cols = dphi.reshape(*delta.shape[:3], *w.shape[:3])
+        return dw, unpatches(cols, window, x.shape[1:3]).astype(x.dtype)
+
+    split = lambda a: a.reshape(n // block, block, *a.shape[1:])
+    dw, dx = lax.scan(one_block, jnp.zeros((math.prod(w.shape[:3]), w.shape[3]), acc), (split(x), split(delta)))
+    rows = delta.reshape(-1, delta.shape[3])
+    db = jnp.ones(rows.shape[0], rows.dtype) @ rows  # eq. (14)
+    return dx.reshape(x.shape), dw.reshape(w.shape).astype(w.dtype), db
 
 
 def _flip_backward(window: Window, x, w, delta):
@@ -275,19 +361,19 @@ def _flip_backward(window: Window, x, w, delta):
     return dx, dw
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _conv_hand(rule, window, store_phi, x, w, b):
-    return forward(window, store_phi, x, w, b)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _conv_hand(rule, window, store_phi, block, x, w, b):
+    return forward(window, store_phi, x, w, b, block)[0]
 
 
-def _conv_hand_fwd(rule, window, store_phi, x, w, b):
-    s, p = forward(window, store_phi, x, w, b)
+def _conv_hand_fwd(rule, window, store_phi, block, x, w, b):
+    s, p = forward(window, store_phi, x, w, b, block)
     return s, (x, w, b, p)
 
 
-def _conv_hand_bwd(rule, window, store_phi, res, delta):
+def _conv_hand_bwd(rule, window, store_phi, block, res, delta):
     x, w, b, p = res
-    dx, dw, db = backward(rule, window, x, w, delta, stored_phi=p)
+    dx, dw, db = backward(rule, window, x, w, delta, stored_phi=p, block=block)
     return dx, dw, None if b is None else db
 
 

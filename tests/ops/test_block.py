@@ -34,6 +34,7 @@ def test_fused_hand_equals_autodiff_and_hand_chain(case, dtype):
         "fused im2col, phi stored": {"grad": "hand", "rule": "im2col", "store_phi": True},
         "fused im2col, phi recomputed": {"grad": "hand", "rule": "im2col", "store_phi": False},
         "fused flip": {"grad": "hand", "rule": "flip"},
+        "fused im2col, in blocks": {"grad": "hand", "rule": "im2col", "block": 1},
     }
     args = inputs(dtype)
     assert_modes_agree(lambda *a, **m: jc.conv_relu_pool(*a, **case, **m), args, ("x", "w", "b"), dtype,

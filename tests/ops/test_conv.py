@@ -12,13 +12,15 @@ from jax.test_util import check_grads
 import jaxcnn as jc
 from tests.helpers import DTYPES, assert_close, assert_modes_agree, normal
 
-# Both forward passes (phi(pad(Z)) @ w2, and XLA's convolution) under both gradient modes.
+# Both forward passes (phi(pad(Z)) @ w2, and XLA's convolution) under both gradient modes, and the im2col rule
+# block by block.
 VARIANTS = {
     "autodiff": {"grad": "autodiff", "store_phi": True},
     "autodiff, xla forward": {"grad": "autodiff", "store_phi": False},
     "hand im2col, phi stored": {"grad": "hand", "rule": "im2col", "store_phi": True},
     "hand im2col, phi recomputed": {"grad": "hand", "rule": "im2col", "store_phi": False},
     "hand flip": {"grad": "hand", "rule": "flip"},
+    "hand im2col, in blocks": {"grad": "hand", "rule": "im2col", "block": 1},  # one example at a time
 }
 
 paddings = st.one_of(
