@@ -240,7 +240,7 @@ def by_blocks(block: int, f, *arrays):
     """``f`` applied to ``block`` examples of ``arrays`` at a time (one after the other: ``lax.map``), its outputs
     put back together along the batch axis."""
     n = arrays[0].shape[0]
-    out = jax.lax.map(lambda a: f(*a), tuple(a.reshape(n // block, block, *a.shape[1:]) for a in arrays))
+    out = lax.map(lambda a: f(*a), tuple(a.reshape(n // block, block, *a.shape[1:]) for a in arrays))
     return jax.tree_util.tree_map(lambda o: o.reshape(n, *o.shape[2:]), out)
 
 
@@ -274,8 +274,8 @@ def conv2d_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation
 def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db, block: int | None = None
             ) -> tuple[jax.Array, jax.Array]:
     """(S, dS) by the chosen rule (see ``conv2d_jvp``); a None tangent is zero and costs nothing."""
-    if block is not None:  # S and dS of each block by the unblocked im2col rule
-        of_block = lambda x, dx=None: tangent(rule, window, False, x, w, None, dx, dw, None)
+    if block is not None:  # S and dS of each block by the im2col rule, sharing the block's phi(pad(Z))
+        of_block = lambda x, dx=None: tangent(rule, window, True, x, w, None, dx, dw, None)
         s, ds = by_blocks(block, of_block, *((x,) if dx is None else (x, dx)))
         s = s if b is None else s + b
         return s, ds if db is None else ds + db
