@@ -139,13 +139,6 @@ class Conv(Layer):
         _check_init(self.type, self.init)
         _check_mode(self.type, self.grad)
         resolve_rule(self.type, self.rule, self.store_phi, self.block)
-        if self.block is not None:
-            if not (self.block == "auto" or (type(self.block) is int and self.block >= 1)):
-                raise ValueError(f"{self.type}: block must be None, 'auto' or an int >= 1 (examples per block of "
-                                 f"phi(pad(Z))), got {self.block!r}")
-            if self.rule == "flip" or self.store_phi:
-                raise ValueError(f"{self.type}: block applies to rule='im2col' with phi(pad(Z)) not stored, got "
-                                 f"rule={self.rule!r}, store_phi={self.store_phi!r}")
 
     def param_shapes(self, in_shape):
         kh, kw = _args.positive_pair(self.type, "kernel", self.kernel)

@@ -81,8 +81,7 @@ def layer_jvp(layer: nw.Layer, p: dict, x: jax.Array, dp: dict, dx: jax.Array | 
     if isinstance(layer, nw.Conv):
         primals, tangents = (x, *(p[k] for k in names)), (dx, *(dp.get(k) for k in names))
         settings = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                        rule=layer.rule or rule, store_phi=layer.store_phi,
-                        block=layer.block)
+                        rule=layer.rule or rule, store_phi=layer.store_phi, block=layer.block)
         if isinstance(layer, nw.ConvReLUPool):
             return ops.conv_relu_pool_jvp(primals, tangents, pool=layer.pool, **settings)
         return ops.conv2d_jvp(primals, tangents, **settings)

@@ -60,7 +60,7 @@ def conv_relu_pool(
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
     rule, store_phi = conv.resolve(op, rule, store_phi, block)
-    block = conv.block_size(op, block, x, w, window, rule, store_phi)
+    block = conv.block_size(block, x, w, window)
     conv.check_size(op, x, w, window, rule, store_phi, block)
     if grad == "autodiff":
         return forward(window, pool_window, store_phi, x, w, b, block)
@@ -87,7 +87,7 @@ def conv_relu_pool_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, 
     pool_window = pool_geometry(op, pool)
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     rule, store_phi = conv.resolve(op, rule, store_phi, block)
-    block = conv.block_size(op, block, x, w, window, rule, store_phi)
+    block = conv.block_size(block, x, w, window)
     dx, dw, db = _args.tangents_match(op, ("x", "w", "b"), (x, w, b), (dx, dw, db))
     s, ds = conv.tangent(rule, window, store_phi, x, w, b, dx, dw, db, block)
     z_next, index = max_with_index(pool_window, relu_forward(s))

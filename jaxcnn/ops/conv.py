@@ -102,7 +102,7 @@ def conv2d(
     x, w, b, window = check("conv2d", x, w, b, stride, padding, dilation)
     _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
     rule, store_phi = resolve("conv2d", rule, store_phi, block)
-    block = block_size("conv2d", block, x, w, window, rule, store_phi)
+    block = block_size(block, x, w, window)
     check_size("conv2d", x, w, window, rule, store_phi, block)
     if grad == "autodiff":
         return forward(window, store_phi, x, w, b, block)[0]
@@ -116,14 +116,20 @@ def resolve(op: str, rule: str | None, store_phi: bool | None, block=None) -> tu
     """The hand rule and Lin's store_phi switch, checked, their defaults resolved per backend (the faster of each
     in BENCHMARKS.md): im2col with phi(pad(Z)) stored on CPU; the flip rule on accelerators, whose convolutions
     (cuDNN on GPUs) beat phi(pad(Z)) products there. Asking to store phi(pad(Z)) implies the im2col rule, and so
-    does a ``block``, which also implies not storing it."""
+    does a ``block`` (checked here too), which also implies not storing it."""
     if store_phi is not None and not isinstance(store_phi, bool):
         raise TypeError(f"{op}: store_phi must be True, False or None, got {store_phi!r}")
     if block is not None:
+        if not (block == "auto" or (type(block) is int and block >= 1)):
+            raise ValueError(f"{op}: block must be None, 'auto' or an int >= 1 (at most that many examples per block "
+                             f"of phi(pad(Z))), got {block!r}")
         rule, store_phi = rule or "im2col", False if store_phi is None else store_phi
     if rule is None:
         rule = "im2col" if store_phi or jax.default_backend() == "cpu" else "flip"
     _args.choice(op, "rule", rule, _args.CONV_RULES)
+    if block is not None and (rule != "im2col" or store_phi):
+        raise ValueError(f"{op}: block applies to rule='im2col' with store_phi=False (phi(pad(Z)) built block by "
+                         f"block, never stored), got rule={rule!r}, store_phi={store_phi!r}")
     if store_phi is None:
         return rule, rule == "im2col" and jax.default_backend() == "cpu"
     if store_phi and rule != "im2col":
@@ -134,22 +140,16 @@ def resolve(op: str, rule: str | None, store_phi: bool | None, block=None) -> tu
 BLOCK_BYTES = 4 * 2**20  # block="auto": phi(pad(Z)) of one block at most this size (fits a CPU's L2 + L3 share)
 
 
-def block_size(op: str, block, x: jax.Array, w: jax.Array, window: Window, rule: str, store_phi: bool) -> int | None:
-    """``block`` checked and resolved for a batch ``x``: examples per block of phi(pad(Z)), or None for the whole
-    batch at once. The blocks are of equal size: the largest divisor of N not above ``block``, or for "auto" not
-    above the examples whose phi(pad(Z)) fits in ``BLOCK_BYTES`` (at least 1). A block of the whole batch is None:
-    the unblocked computation."""
+def block_size(block, x: jax.Array, w: jax.Array, window: Window) -> int | None:
+    """``block`` (checked by ``resolve``) for a batch ``x``: examples per block of phi(pad(Z)), or None for the
+    whole batch at once. The blocks are of equal size: the largest divisor of N not above ``block``, or for "auto"
+    not above the examples whose phi(pad(Z)) fits in ``BLOCK_BYTES`` (at least 1). A block of the whole batch is
+    None: the unblocked computation."""
     if block is None:
         return None
-    if rule != "im2col" or store_phi:
-        raise ValueError(f"{op}: block applies to rule='im2col' with store_phi=False (phi(pad(Z)) built block by "
-                         f"block, never stored), got rule={rule!r}, store_phi={store_phi!r}")
     if block == "auto":
         per_example = math.prod(window.out_hw(x.shape[1:3])) * math.prod(w.shape[:3]) * x.dtype.itemsize
         block = max(1, BLOCK_BYTES // per_example)
-    elif isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"{op}: block must be None, 'auto' or an int >= 1 (at most that many examples per block "
-                         f"of phi(pad(Z))), got {block!r}")
     n = x.shape[0]
     block = max(d for d in range(1, min(block, n) + 1) if n % d == 0)  # blocks of equal size
     return None if block == n else block
@@ -266,7 +266,7 @@ def conv2d_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation
     (x, w, b), (dx, dw, db) = _args.jvp_pairs("conv2d_jvp", primals, tangents, ("x", "w", "b"))
     x, w, b, window = check("conv2d_jvp", x, w, b, stride, padding, dilation)
     rule, store_phi = resolve("conv2d_jvp", rule, store_phi, block)
-    block = block_size("conv2d_jvp", block, x, w, window, rule, store_phi)
+    block = block_size(block, x, w, window)
     dx, dw, db = _args.tangents_match("conv2d_jvp", ("x", "w", "b"), (x, w, b), (dx, dw, db))
     return tangent(rule, window, store_phi, x, w, b, dx, dw, db, block)
 
@@ -312,12 +312,17 @@ def _im2col_backward(window: Window, x, w, delta, stored_phi=None):
     # eq. (14) as the product it is: every reader of Delta is then a product, and XLA computes Delta once (a sum
     # over rows would make it fuse Delta's producer, col2im and routing, into two readers and compute it twice).
     db = jnp.ones(rows.shape[0], rows.dtype) @ rows
-    # W^T Delta, eq. (18), and its sum over overlapping windows, P_phi^T, stay in float32 for narrower dtypes and
-    # are rounded once: rounding W^T Delta first made dZ 2.5x less accurate in bfloat16 than the flip rule's
-    # (experiments/results/precision.md).
+    return _input_gradient(window, x, w, delta), dw, db
+
+
+def _input_gradient(window: Window, x, w, delta):
+    """dZ = vec(W^T Delta)^T P_phi P_pad, eq. (18): W^T Delta and its sum over overlapping windows, P_phi^T, stay in
+    float32 for narrower dtypes and are rounded once (rounding W^T Delta first made dZ 2.5x less accurate in
+    bfloat16 than the flip rule's: experiments/results/precision.md)."""
+    rows = delta.reshape(-1, delta.shape[3])
     dphi = jnp.matmul(rows, w.reshape(-1, w.shape[3]).T, preferred_element_type=_args.compute_dtype(rows))
     cols = dphi.reshape(*delta.shape[:3], *w.shape[:3])  # [N, Ho, Wo, kh, kw, C_in]
-    return unpatches(cols, window, x.shape[1:3]).astype(x.dtype), dw, db  # P_pad^T P_phi^T
+    return unpatches(cols, window, x.shape[1:3]).astype(x.dtype)  # P_pad^T P_phi^T
 
 
 def _blocked_backward(window: Window, x, w, delta, block: int):
@@ -330,9 +335,7 @@ def _blocked_backward(window: Window, x, w, delta, block: int):
         rows = delta.reshape(-1, delta.shape[3])
         p = phi(window, x)
         dw = dw + jnp.matmul(p.reshape(rows.shape[0], -1).T, rows, preferred_element_type=acc)  # eq. (12)
-        dphi = jnp.matmul(rows, w.reshape(-1, w.shape[3]).T, preferred_element_type=acc)  # eq. (18)
-        cols = dphi.reshape(*delta.shape[:3], *w.shape[:3])
-        return dw, unpatches(cols, window, x.shape[1:3]).astype(x.dtype)
+        return dw, _input_gradient(window, x, w, delta)
 
     split = lambda a: a.reshape(n // block, block, *a.shape[1:])
     dw, dx = lax.scan(one_block, jnp.zeros((math.prod(w.shape[:3]), w.shape[3]), acc), (split(x), split(delta)))

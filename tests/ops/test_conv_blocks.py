@@ -56,6 +56,7 @@ def test_blocks_keep_one_block_of_phi_at_a_time():
     x = jnp.tile(x, (1, 4, 4, 8))[:, :32, :32]  # 16 x 32 x 32 x 24
     w = jnp.tile(w, (1, 1, 8, 8))  # 3 x 3 x 24 x 32
     b = jnp.tile(b, 8)
+
     def loss(x, w, b, block):
         return jnp.sum(jnp.tanh(jc.conv_relu_pool(x, w, b, padding=1, rule="im2col", store_phi=False, block=block)))
 
@@ -69,9 +70,9 @@ def test_blocks_are_the_largest_divisor_of_the_batch_within_the_limit(monkeypatc
     per_example = 9 * 8 * 27 * 4  # Ho Wo x kh kw C_in, float32
     for budget, want in ((5 * per_example, 4), (per_example, 1), (per_example - 1, 1), (12 * per_example, None)):
         monkeypatch.setattr(conv, "BLOCK_BYTES", budget)
-        assert conv.block_size("t", "auto", x, w, window, "im2col", False) == want, budget
+        assert conv.block_size("auto", x, w, window) == want, budget
     for block, want in ((5, 4), (1, 1), (6, 6), (11, 6), (12, None), (100, None), (None, None)):
-        assert conv.block_size("t", block, x, w, window, "im2col", False) == want, block
+        assert conv.block_size(block, x, w, window) == want, block
 
 
 def test_bad_blocks_are_refused_with_the_argument_named():
