@@ -23,16 +23,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def machine() -> str:
-    """One line describing this machine: CPU model and cores, device, JAX version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """One line describing this machine: CPU model, vector extensions and cores, the allocator, device, JAX."""
+    from jaxcnn import _malloc, autotune
+
+    model, isa = autotune.cpu()
     device = jax.devices()[0]
-    return (f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {device.platform} "
-            f"({device.device_kind}); Python {platform.python_version()}")
+    return (f"{model} [{isa or 'no listed vector extensions'}], {os.cpu_count()} cores, {_malloc.allocator()}; JAX "
+            f"{jax.__version__} on {device.platform} ({device.device_kind}); Python {platform.python_version()}")
 
 
 def table(header: list[str], rows: list[list]) -> str:

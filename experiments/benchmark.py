@@ -131,4 +131,7 @@ The gradient of one conv 3x3 + ReLU + 2x2 max-pool layer (simplenn-mnist's secon
 
 
 if __name__ == "__main__":
+    from jaxcnn import _malloc
+
+    _malloc.reexec_under_tcmalloc()  # as `jaxcnn bench` does: the allocator every CPU figure assumes
     main()

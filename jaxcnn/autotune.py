@@ -2,13 +2,16 @@
 benchmark mode does, and kept in an on-disk cache.
 
 Which rule is fastest depends on the machine, not on the math: the im2col products (Lin eq. 12, 14, 18, with
-phi(pad(Z)) stored in the forward pass, rebuilt in the backward pass, or built a block of examples at a
-time in both: ``block``) or Ray's flip rule (XLA's convolutions).
+phi(pad(Z)) stored in the forward pass or built a block of examples at a time in both: ``block``) or Ray's flip
+rule (XLA's convolutions). phi(pad(Z)) rebuilt for the whole batch in the backward pass is not a candidate: it
+was slower than storing it in every table of BENCHMARKS.md (CPU and GPU), and slower and heavier than blocks.
 On one 2-core CPU im2col wins by 2x, on another 2-core CPU with a 6x faster matrix unit flip wins by 15%, and on
 GPUs flip wins (BENCHMARKS.md). So ``tune`` times one jitted gradient of the network's objective (forward and
 backward of every layer: what a training step computes) at the run's input shape, batch and dtype with each
 candidate given to every conv layer that names no rule of its own, on the network as given and on its fused form
-(Lin's Conv-ReLU-pool block, eq. 24-28: the same function and params), and keeps the fastest.
+(Lin's Conv-ReLU-pool block, eq. 24-28: the same function and params), and keeps the fastest, or, among the
+candidates within ``TIE`` of it (the noise of a timing), the one whose compiled gradient needs the least temporary
+memory (phi(pad(Z)) stored for the whole batch needs 2-3x what blocks need).
 
 The whole network is timed, not each layer alone: a layer's rule changes what XLA fuses around it, and on the
 machine of BENCHMARKS.md the per-layer winners, timed one layer at a time, made the network slower than every
@@ -21,7 +24,7 @@ busy machine, can choose differently, so a run records the rules it used (its ne
 reuses them.
 
 It is the trainer's default (``TrainConfig.rule = "auto"``). A step under ``MIN_FLOPS`` that the cache does not
-hold is not timed (compiling eight candidates would cost more than such a run could gain): it takes the backend's
+hold is not timed (compiling six candidates would cost more than such a run could gain): it takes the backend's
 default, written into the layers like a timed choice.
 """
 
@@ -43,8 +46,11 @@ from jaxcnn import network as nw
 from jaxcnn._io import atomic_write, strict_json
 from jaxcnn.ops import conv
 
-# (rule, store_phi, block): phi(pad(Z)) stored, rebuilt for the whole batch, built block by block; XLA's convolutions
-RULES = (("im2col", True, None), ("im2col", False, None), ("im2col", False, "auto"), ("flip", False, None))
+# (rule, store_phi, block): phi(pad(Z)) stored, built block by block; XLA's convolutions
+RULES = (("im2col", True, None), ("im2col", False, "auto"), ("flip", False, None))
+# Candidates this much slower than the fastest count as tied with it (timings of one candidate vary by a few
+# percent between rounds on a shared machine); among them the one needing the least temporary memory is chosen.
+TIE = 0.03
 # A training step below this many FLOPs (bench.count_flops) is not timed by the trainer's rule="auto": its layers
 # are small, a step takes milliseconds, and timing the candidates (compiling each) would cost more than the run
 # could gain; it takes the backend's default. `jaxcnn bench --tune` times it all the same.
@@ -70,6 +76,12 @@ def machine_key() -> str:
     device = jax.devices()[0]
     if device.platform != "cpu":
         return f"{device.platform} {device.device_kind}; jax {jax.__version__}"
+    model, isa = cpu()
+    return f"cpu {model} [{isa}]; {os.cpu_count()} cores; jax {jax.__version__}"
+
+
+def cpu() -> tuple[str, str]:
+    """This CPU's model name and the vector extensions of ``ISA_FLAGS`` it has (from /proc/cpuinfo; "" unknown)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,8 +92,7 @@ def machine_key() -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    isa = " ".join(f for f in ISA_FLAGS if f in flags)
-    return f"cpu {model} [{isa}]; {os.cpu_count()} cores; jax {jax.__version__}"
+    return model, " ".join(f for f in ISA_FLAGS if f in flags)
 
 
 def cache_file() -> Path:
@@ -99,18 +110,23 @@ def _read(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def _complete(ms, net: nw.Sequential) -> bool:
-    """Whether a cache entry holds a positive time for every candidate (else it is measured anew)."""
-    names = [label(*candidate) for candidate in candidates(net)]
-    return isinstance(ms, dict) and all(isinstance(ms.get(n), (int, float)) and ms[n] > 0 for n in names)
+def _complete(entry, net: nw.Sequential) -> bool:
+    """Whether a cache entry holds, for every candidate, a positive time and a temporary memory (a size, or None
+    where the backend reports none); else it is measured anew."""
+    def number(v, least):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= least
+
+    timings = [entry.get(label(*c)) if isinstance(entry, dict) else None for c in candidates(net)]
+    return all(isinstance(t, dict) and number(t.get("ms"), 1e-9) and "temp_mb" in t
+               and (t["temp_mb"] is None or number(t["temp_mb"], 0)) for t in timings)
 
 
 def geometry_key(net: nw.Sequential, input_shape: tuple, batch: int, dtype) -> str:
     """One network geometry: its layers and settings (rules of layers that name one included, other rules and
     initialisers left out), the input shape, batch and dtype."""
     layers = [{k: v for k, v in layer.items() if k not in ("init", "grad")} for layer in net.to_config()["layers"]]
-    # 2: the rules of layers inside residual blocks are timed too (version 1 timed the others only)
-    return json.dumps([2, layers, list(input_shape), batch, jnp.dtype(dtype).name], default=str)
+    # 3: candidates without phi recomputed, temporary memory kept (2: residual bodies timed too; 1: top level only)
+    return json.dumps([3, layers, list(input_shape), batch, jnp.dtype(dtype).name], default=str)
 
 
 def uniform(net: nw.Sequential, rule: str, store_phi: bool, block=None, fused: bool = False) -> nw.Sequential:
@@ -143,9 +159,10 @@ def backend_default(net: nw.Sequential, log: Callable[[str], None], why: str) ->
     return uniform(net, rule, store_phi)
 
 
-def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repeats: int = 7) -> dict[str, float]:
-    """The fastest of ``repeats`` timings (seconds) of one jitted gradient of the objective (softmax
-    cross-entropy) on a random batch, for each candidate given to every open conv layer: label -> s. The
+def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repeats: int = 7) -> dict[str, dict]:
+    """The fastest of ``repeats`` timings of one jitted gradient of the objective (softmax cross-entropy) on a
+    random batch, for each candidate given to every open conv layer, and its compiled temporary memory: label ->
+    {"ms", "temp_mb"} (None where the backend reports no memory). The
     candidates are timed round-robin, so that the machine's drift affects them alike, and the minimum is kept:
     other work on the machine only ever adds time (on the shared 2-core VM a median of 5 once chose unfused
     im2col for simplenn-mnist, 7% slower than the fused block in the step table timed right after)."""
@@ -157,20 +174,35 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     classes = net.shapes(input_shape)[-1][-1]
     y = jax.random.randint(keys[2], (batch,), 0, classes)
     def gradient(tuned: nw.Sequential):
-        return jax.jit(jax.grad(lambda p, x, y: objective.objective(p, tuned, x, y)[0]))
+        return jax.jit(jax.grad(lambda p, x, y: objective.objective(p, tuned, x, y)[0])).lower(params, x, y).compile()
 
-    steps = {label(*c): (gradient(uniform(net, *c)), (params, x, y)) for c in candidates(net)}
-    return bench.round_robin(steps, repeats, statistic=np.min)
+    compiled = {label(*c): gradient(uniform(net, *c)) for c in candidates(net)}
+    seconds = bench.round_robin({name: (f, (params, x, y)) for name, f in compiled.items()}, repeats,
+                                statistic=np.min)
+    return {name: {"ms": s * 1e3, "temp_mb": bench.memory(compiled[name]).get("temp_mb")}
+            for name, s in seconds.items()}
+
+
+def choose(timings: dict[str, dict], net: nw.Sequential) -> tuple[str, bool, str | None, bool]:
+    """The candidate to use, from ``time_network``'s timings: the fastest, unless another within ``TIE`` of it
+    needs less temporary memory; then the lightest of those (faster first among equals)."""
+    ms = {c: timings[label(*c)]["ms"] for c in candidates(net)}
+    fastest = min(ms, key=ms.get)
+    tied = [c for c in ms if ms[c] <= ms[fastest] * (1 + TIE)]
+    memory = {c: timings[label(*c)].get("temp_mb") for c in tied}
+    if None in memory.values():  # a backend that reports no memory: the fastest
+        return fastest
+    return min(tied, key=lambda c: (memory[c], ms[c]))
 
 
 def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, *, log: Callable[[str], None] = print,
          remeasure: bool = False, cache: Path | None = None, min_flops: float = 0) -> tuple[nw.Sequential, dict]:
     """``net`` (fused, if that won) with every conv layer that names no rule given the candidate fastest on this
     machine for a batch of ``batch`` images of ``input_shape`` (from the cache when it holds this geometry and
-    ``remeasure`` is off), and ``{"rule", "store_phi", "block", "fused", "ms": {candidate: ms}, "measured": bool}``
-    (None when no layer was open). New timings are written to the cache (atomically). A geometry the cache lacks
-    whose step counts fewer than ``min_flops`` (``bench.count_flops``) is not timed: its layers get the backend's
-    default rule (``ms`` None)."""
+    ``remeasure`` is off; ``choose`` picks), and ``{"rule", "store_phi", "block", "fused", "ms": {candidate: ms},
+    "temp_mb": {candidate: MiB}, "measured": bool}`` (None when no layer was open). New timings are written to the
+    cache (atomically). A geometry the cache lacks whose step counts fewer than ``min_flops``
+    (``bench.count_flops``) is not timed: its layers get the backend's default rule (``ms`` None)."""
     if not any(_open(layer) for layer in net.layers):
         return net, None
     input_shape = tuple(input_shape)
@@ -185,19 +217,25 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
         rule, store_phi = conv.resolve("rule auto", None, None)
         return backend_default(net, log, f"a step of {flops / 1e9:.2g} GFLOP is too small for timing the rules to "
                                          f"pay: below {min_flops / 1e9:g}; `jaxcnn bench --tune` times them"), \
-            {"rule": rule, "store_phi": store_phi, "block": None, "fused": False, "ms": None, "measured": False}
+            {"rule": rule, "store_phi": store_phi, "block": None, "fused": False, "ms": None, "temp_mb": None,
+             "measured": False}
     if measured:
-        seconds = time_network(net, input_shape, batch, dtype)
-        entries[key] = {name: round(s * 1e3, 4) for name, s in seconds.items()}
+        entries[key] = {name: {k: None if v is None else round(v, 4) for k, v in timing.items()}
+                        for name, timing in time_network(net, input_shape, batch, dtype).items()}
         try:
             atomic_write(cache, strict_json(store, indent=1) + "\n")
         except OSError as err:  # a read-only home: the run goes on, timing again next time
             log(f"rule auto: could not write the cache {cache} ({err}); the timings are not kept")
-    ms = entries[key]
-    best = min(candidates(net), key=lambda candidate: ms[label(*candidate)])
-    timings = ", ".join(f"{name} {value:.2f}" for name, value in ms.items())
-    log(f"rule auto: {label(*best)} for the conv layers ({timings} ms per gradient of the network; "
-        f"{'measured now' if measured else 'timed earlier, ' + str(cache)})")
+    timings = entries[key]
+    best = choose(timings, net)
+    ms = {name: t["ms"] for name, t in timings.items()}
+    temp_mb = {name: t["temp_mb"] for name, t in timings.items()}
+    listed = ", ".join(f"{name} {t['ms']:.2f} ms" + ("" if t["temp_mb"] is None else f" / {t['temp_mb']:.1f} MiB")
+                       for name, t in timings.items())
+    why = "" if ms[label(*best)] == min(ms.values()) else \
+        f"; the lightest within {TIE:.0%} of the fastest, {min(ms, key=ms.get)}"
+    log(f"rule auto: {label(*best)} for the conv layers ({listed}: a gradient of the network, its temporary "
+        f"memory; {'measured now' if measured else 'timed earlier, ' + str(cache)}{why})")
     rule, store_phi, block, fused = best
     return uniform(net, *best), {"rule": rule, "store_phi": store_phi, "block": block, "fused": fused, "ms": ms,
-                                 "measured": measured}
+                                 "temp_mb": temp_mb, "measured": measured}

@@ -275,7 +275,7 @@ class JaxStep:
         start = time.perf_counter()
         self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, y).compile()
         self.compile_s = time.perf_counter() - start
-        self.memory = _memory(self.compiled)
+        self.memory = memory(self.compiled)
         self.state, self.batch = (params, opt_state), (x, y)
 
     def __call__(self) -> None:
@@ -375,7 +375,8 @@ def _op_origins(hlo: str) -> dict[str, str]:
     return origin
 
 
-def _memory(compiled) -> dict:
+def memory(compiled) -> dict:
+    """A compiled executable's temporary, argument and output memory in MiB ({} where the backend reports none)."""
     try:
         m = compiled.memory_analysis()
         return {"temp_mb": m.temp_size_in_bytes / 2**20, "argument_mb": m.argument_size_in_bytes / 2**20,
@@ -595,5 +596,5 @@ def block_memory(batch: int = 128, shape=(14, 14, 32), features: int = 64) -> li
     for name, f in variants.items():
         compiled = jax.jit(jax.grad(lambda w, b, x, f=f: jnp.sum(f(x, w, b) ** 2), argnums=(0, 1))).lower(
             w, b, x).compile()
-        out.append((name, _memory(compiled).get("temp_mb", float("nan"))))
+        out.append((name, memory(compiled).get("temp_mb", float("nan"))))
     return out

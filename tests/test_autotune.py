@@ -9,13 +9,14 @@ from jaxcnn import autotune, bench, checkpoint, cli
 
 
 def fake_timings(fastest):
-    """time_network replaced by fixed timings (seconds) that make the candidate ``fastest`` win, and a call log."""
+    """time_network replaced by fixed timings (ms, temporary MiB) that make the candidate ``fastest`` win (by
+    more than autotune.TIE), and a call log."""
     calls = []
 
     def time_network(net, input_shape, batch, dtype, repeats=5):
         calls.append((input_shape, batch))
         names = [autotune.label(*candidate) for candidate in autotune.candidates(net)]
-        return {name: (1 if name == fastest else 2 + i) / 1e3 for i, name in enumerate(names)}
+        return {name: {"ms": 1 if name == fastest else 2 + i, "temp_mb": 10.0 - i} for i, name in enumerate(names)}
 
     return time_network, calls
 
@@ -35,9 +36,10 @@ def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reu
     tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=cache, log=lines.append)
     assert conv_rules(tuned) == [("flip", False, None), ("im2col", None, None)]  # the layer naming its rule keeps it
     assert calls == [((8, 8, 1), 4)] and choice["measured"] and (choice["rule"], choice["fused"]) == ("flip", False)
-    assert lines == ["rule auto: flip for the conv layers (im2col (phi stored) 2.00, im2col 3.00, im2col (phi in "
-                     "blocks) 4.00, flip 1.00, fused, im2col (phi stored) 6.00, fused, im2col 7.00, fused, im2col "
-                     "(phi in blocks) 8.00, fused, flip 9.00 ms per gradient of the network; measured now)"]
+    assert lines == ["rule auto: flip for the conv layers (im2col (phi stored) 2.00 ms / 10.0 MiB, im2col (phi in "
+                     "blocks) 3.00 ms / 9.0 MiB, flip 1.00 ms / 8.0 MiB, fused, im2col (phi stored) 5.00 ms / 7.0 "
+                     "MiB, fused, im2col (phi in blocks) 6.00 ms / 6.0 MiB, fused, flip 7.00 ms / 5.0 MiB: a "
+                     "gradient of the network, its temporary memory; measured now)"]
     stored = json.loads(cache.read_text())
     assert list(stored) == [autotune.machine_key()] and len(stored[autotune.machine_key()]) == 1
 
@@ -54,13 +56,17 @@ def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatc
     cache = tmp_path / "rules.json"
     cache.write_text("{not json")
     tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)
-    assert len(choice["ms"]) == 8 and all(v > 0 for v in choice["ms"].values())  # really timed
-    assert autotune.label(*conv_rules(tuned)[0], choice["fused"]) == min(choice["ms"], key=choice["ms"].get)
+    assert len(choice["ms"]) == 6 and all(v > 0 for v in choice["ms"].values())  # really timed
+    assert all(v > 0 for v in choice["temp_mb"].values()) and choice["temp_mb"].keys() == choice["ms"].keys()
+    chosen = autotune.label(*conv_rules(tuned)[0], choice["fused"])
+    assert choice["ms"][chosen] <= min(choice["ms"].values()) * (1 + autotune.TIE)
     assert (tuned.layers[0].type == "conv_relu_pool") == choice["fused"]
     key = next(iter(json.loads(cache.read_text())[autotune.machine_key()]))
 
     monkeypatch.setattr(autotune, "time_network", fake_timings("flip")[0])
-    for damaged in ({autotune.machine_key(): "x"}, {autotune.machine_key(): {key: {"flip": -1}}}):
+    complete = json.loads(cache.read_text())[autotune.machine_key()][key]
+    for damaged in ({autotune.machine_key(): "x"}, {autotune.machine_key(): {key: {"flip": -1}}},
+                    {autotune.machine_key(): {key: {**complete, "flip": {"ms": 1.0}}}}):  # no memory recorded
         cache.write_text(json.dumps(damaged))
         assert autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)[1]["measured"]
     blocked = tmp_path / "a-file"
@@ -100,7 +106,7 @@ def test_resume_keeps_the_rules_the_run_chose(tmp_path, monkeypatch, capsys):
         cli.main(["train", "--rule", "auto", "--epochs", "2", "--out", str(out), "--no-progress"])
     assert checkpoint.list_states(out / "checkpoints") and not (out / "summary.json").exists()  # cut short
     monkeypatch.setattr(train, "save_state", checkpoint.save_state)
-    monkeypatch.setattr(autotune, "time_network", fake_timings("fused, im2col")[0])
+    monkeypatch.setattr(autotune, "time_network", fake_timings("fused, im2col (phi in blocks)")[0])
     autotune.tune(jc.preset("digits-cnn"), (8, 8, 1), 32, remeasure=True, log=lambda line: None)  # cache: another
     capsys.readouterr()
     assert cli.main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
@@ -156,3 +162,29 @@ def test_the_trainer_tunes_by_default_and_falls_back_with_several_processes(tmp_
     net = train.tuned(jc.preset("digits-cnn"), prep, train.TrainConfig(), None, lines.append)
     assert net == autotune.uniform(jc.preset("digits-cnn"), *jc.ops.conv.resolve("test", None, None))
     assert "several processes" in lines[0]
+
+
+def test_among_candidates_tied_in_time_the_one_needing_least_memory_is_chosen(tmp_path, monkeypatch):
+    """Within autotune.TIE of the fastest, the lightest wins (then the faster); beyond it, or where the backend
+    reports no memory, the fastest."""
+    def timings(**ms_and_mb):
+        names = {"stored": "im2col (phi stored)", "blocks": "im2col (phi in blocks)", "flip": "flip"}
+        out = {autotune.label(*c): {"ms": 1e3, "temp_mb": 1.0} for c in autotune.candidates(NET)}
+        out.update({names[k]: {"ms": ms, "temp_mb": mb} for k, (ms, mb) in ms_and_mb.items()})
+        return out
+
+    tie = 1 + autotune.TIE
+    assert autotune.choose(timings(stored=(100, 90.0), blocks=(100 * tie * 0.999, 45.0), flip=(200, 30.0)), NET) \
+        == ("im2col", False, "auto", False)
+    assert autotune.choose(timings(stored=(100, 90.0), blocks=(100 * tie * 1.001, 45.0), flip=(200, 30.0)), NET) \
+        == ("im2col", True, None, False)
+    assert autotune.choose(timings(stored=(100, 45.0), blocks=(101, 45.0), flip=(100.5, 45.0)), NET) \
+        == ("im2col", True, None, False)  # equal memory: the faster
+    assert autotune.choose(timings(stored=(100, None), blocks=(101, 45.0), flip=(200, 30.0)), NET) \
+        == ("im2col", True, None, False)  # no memory reported
+    tied = timings(stored=(100, 90.0), blocks=(101, 45.0), flip=(200, 30.0))
+    monkeypatch.setattr(autotune, "time_network", lambda *args, **kwargs: tied)
+    lines = []
+    tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", log=lines.append)
+    assert conv_rules(tuned)[0] == ("im2col", False, "auto") and choice["temp_mb"]["im2col (phi stored)"] == 90.0
+    assert lines[0].endswith("the lightest within 3% of the fastest, im2col (phi stored))"), lines[0]
