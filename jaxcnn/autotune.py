@@ -51,6 +51,7 @@ RULES = (("im2col", True, None), ("im2col", False, "auto"), ("flip", False, None
 # Candidates this much slower than the fastest count as tied with it (timings of one candidate vary by a few
 # percent between rounds on a shared machine); among them the one needing the least temporary memory is chosen.
 TIE = 0.03
+TIMINGS = 7  # round-robin timings of each candidate; the minimum is kept
 # A training step below this many FLOPs (bench.count_flops) is not timed by the trainer's rule="auto": its layers
 # are small, a step takes milliseconds, and timing the candidates (compiling each) would cost more than the run
 # could gain; it takes the backend's default. `jaxcnn bench --tune` times it all the same.
@@ -159,7 +160,8 @@ def backend_default(net: nw.Sequential, log: Callable[[str], None], why: str) ->
     return uniform(net, rule, store_phi)
 
 
-def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repeats: int = 7) -> dict[str, dict]:
+def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repeats: int = TIMINGS
+                 ) -> dict[str, dict]:
     """The fastest of ``repeats`` timings of one jitted gradient of the objective (softmax cross-entropy) on a
     random batch, for each candidate given to every open conv layer, and its compiled temporary memory: label ->
     {"ms", "temp_mb"} (None where the backend reports no memory). The
@@ -220,6 +222,8 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
             {"rule": rule, "store_phi": store_phi, "block": None, "fused": False, "ms": None, "temp_mb": None,
              "measured": False}
     if measured:
+        log(f"rule auto: timing {len(candidates(net))} candidate rules on this machine for this geometry (compiled "
+            f"and run {TIMINGS} times each; the result is kept in {cache})")
         entries[key] = {name: {k: None if v is None else round(v, 4) for k, v in timing.items()}
                         for name, timing in time_network(net, input_shape, batch, dtype).items()}
         try:
