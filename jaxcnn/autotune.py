@@ -149,6 +149,8 @@ def _open(layer: nw.Layer) -> bool:
 def _given(layer: nw.Layer, rule: str, store_phi: bool, block) -> nw.Layer:
     if isinstance(layer, nw.Residual):
         return dataclasses.replace(layer, layers=tuple(_given(inner, rule, store_phi, block) for inner in layer.layers))
+    if isinstance(layer, nw.ConvBNReLU):  # never stores phi(pad(Z)): it recomputes S (the candidate's rule only)
+        store_phi = False
     return dataclasses.replace(layer, rule=rule, store_phi=store_phi, block=block) if _open(layer) else layer
 
 

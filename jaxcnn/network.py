@@ -364,6 +364,10 @@ class ConvBNReLU(Conv):
         super().__post_init__()
         if self.bias:
             raise ValueError("conv_bn_relu: bias must be False (batch norm subtracts it again; beta is the shift)")
+        if self.store_phi:
+            raise ValueError("conv_bn_relu: store_phi must be None or False: the fused block keeps only its input and "
+                             "output for the backward and recomputes S; block= builds phi(pad(Z)) a few examples "
+                             "at a time instead")
         BatchNorm(self.momentum, self.eps)  # checks them
 
     @property
@@ -396,11 +400,11 @@ class ConvBNReLU(Conv):
         mode, geometry = _reverse_mode(self.grad, grad), dict(stride=self.stride, padding=self.padding,
                                                               dilation=self.dilation)
         if not train:
-            s = ops.conv2d(x, params["w"], **geometry, grad=mode, rule=self.rule or rule)
+            s = ops.conv2d(x, params["w"], **geometry, grad=mode, rule=self.rule or rule, block=self.block)
             y = self.batch_norm.forward(params, state, s, grad=grad, rule=rule, train=False, axis_name=None)[0]
             return ops.relu(y, grad=mode), state
         y, mean, var = ops.conv_bn_relu(x, params["w"], params["gamma"], params["beta"], **geometry, eps=self.eps,
-                                        axis_name=axis_name, grad=mode, rule=self.rule or rule)
+                                        axis_name=axis_name, grad=mode, rule=self.rule or rule, block=self.block)
         return y, self.batch_norm.updated(state, mean, var)
 
 

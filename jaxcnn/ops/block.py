@@ -129,8 +129,8 @@ _block_hand.defvjp(_block_hand_fwd, _block_hand_bwd)
 
 
 def conv_bn_relu(x: jax.Array, w: jax.Array, gamma: jax.Array, beta: jax.Array, *, stride=1, padding=0, dilation=1,
-                 eps: float = 1e-5, axis_name: str | None = None, grad: str = "hand", rule: str | None = None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 eps: float = 1e-5, axis_name: str | None = None, grad: str = "hand", rule: str | None = None,
+                 block: int | str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``relu(batch_norm(conv2d(x, w), gamma, beta))`` in training mode as one op, in the spirit of Lin's block:
     its hand backward keeps only the block's input Z^m and output y (and per-channel statistics), where the chain
     keeps Z^m, x_hat (conv-output size, for batch norm) and y (for the ReLU):
@@ -142,7 +142,9 @@ def conv_bn_relu(x: jax.Array, w: jax.Array, gamma: jax.Array, beta: jax.Array, 
 
     It trades one convolution in the backward for a conv-output-sized array less in memory. The conv has no bias
     (batch norm subtracts it again). Returns ``(y, mean, var)`` as ``batch_norm`` (the batch's statistics, for the
-    running averages). Arguments as ``conv2d`` and ``batch_norm``; ``grad``: "hand" or "autodiff" (the chain).
+    running averages). Arguments as ``conv2d`` and ``batch_norm``; ``grad``: "hand" or "autodiff" (the chain);
+    ``block``: both convolutions (S, and S recomputed) and eq. (12), (18) with phi(pad(Z)) built ``block`` examples
+    at a time, as ``conv2d``'s. phi(pad(Z)) is never stored: the block keeps only its input and output.
     """
     op = "conv_bn_relu"
     x, w, _, window = conv.check(op, x, w, None, stride, padding, dilation)
@@ -155,11 +157,12 @@ def conv_bn_relu(x: jax.Array, w: jax.Array, gamma: jax.Array, beta: jax.Array, 
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
         raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
     _args.choice(op, "grad", grad, ("hand", "autodiff"))
-    rule, _ = conv.resolve(op, rule, False)
-    conv.check_size(op, x, w, window, rule, False)
+    rule, _ = conv.resolve(op, rule, False, block)
+    block = conv.block_size(block, x, w, window)
+    conv.check_size(op, x, w, window, rule, False, block)
     if grad == "autodiff":
-        return _bn_relu_forward(conv.forward(window, False, x, w, None)[0], gamma, beta, float(eps), axis_name)
-    return _conv_bn_relu_hand(rule, window, float(eps), axis_name, x, w, gamma, beta)
+        return _bn_relu_forward(conv.forward(window, False, x, w, None, block)[0], gamma, beta, float(eps), axis_name)
+    return _conv_bn_relu_hand(rule, window, float(eps), axis_name, block, x, w, gamma, beta)
 
 
 def _bn_relu_forward(s, gamma, beta, eps, axis_name):
@@ -167,26 +170,26 @@ def _bn_relu_forward(s, gamma, beta, eps, axis_name):
     return relu_forward(y), mean, var
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _conv_bn_relu_hand(rule, window, eps, axis_name, x, w, gamma, beta):
-    return _bn_relu_forward(conv.forward(window, False, x, w, None)[0], gamma, beta, eps, axis_name)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _conv_bn_relu_hand(rule, window, eps, axis_name, block, x, w, gamma, beta):
+    return _bn_relu_forward(conv.forward(window, False, x, w, None, block)[0], gamma, beta, eps, axis_name)
 
 
-def _conv_bn_relu_fwd(rule, window, eps, axis_name, x, w, gamma, beta):
-    y, mean, var = _bn_relu_forward(conv.forward(window, False, x, w, None)[0], gamma, beta, eps, axis_name)
+def _conv_bn_relu_fwd(rule, window, eps, axis_name, block, x, w, gamma, beta):
+    y, mean, var = _bn_relu_forward(conv.forward(window, False, x, w, None, block)[0], gamma, beta, eps, axis_name)
     return (y, mean, var), (x, w, gamma, beta, y)
 
 
-def _conv_bn_relu_bwd(rule, window, eps, axis_name, res, cotangents):
+def _conv_bn_relu_bwd(rule, window, eps, axis_name, block, res, cotangents):
     x, w, gamma, beta, y = res
     delta, dmean, dvar = cotangents
     # recomputed: S (and so x_hat) is not stored. The barrier keeps XLA from merging this convolution with the
     # forward pass's (common subexpressions), which would keep S alive from the forward pass after all.
-    s = conv.forward(window, False, *jax.lax.optimization_barrier((x, w)), None)[0]
+    s = conv.forward(window, False, *jax.lax.optimization_barrier((x, w)), None, block)[0]
     delta = delta * passed(y)  # the ReLU mask from the output
     _, pullback = jax.vjp(lambda s, g, b: norm.batch_norm(s, g, b, eps=eps, axis_name=axis_name), s, gamma, beta)
     ds, dgamma, dbeta = pullback((delta, dmean, dvar))  # batch norm's hand rule (the compact form)
-    dx, dw, _ = conv.backward(rule, window, x, w, ds)
+    dx, dw, _ = conv.backward(rule, window, x, w, ds, block=block)
     return dx, dw, dgamma, dbeta
 
 

@@ -11,7 +11,8 @@ import jaxcnn as jc
 from tests.helpers import assert_close, normal
 
 rng = np.random.default_rng(0)
-MODES = {"autodiff": {"grad": "autodiff"}, "im2col": {"rule": "im2col"}, "flip": {"rule": "flip"}}
+MODES = {"autodiff": {"grad": "autodiff"}, "im2col": {"rule": "im2col"}, "flip": {"rule": "flip"},
+         "in blocks": {"block": 2}, "autodiff in blocks": {"grad": "autodiff", "block": 2}}
 
 
 def inputs(dtype):
@@ -38,7 +39,7 @@ def test_hand_equals_the_autodiff_chain(dtype):
 
     out, chain = run(args)
     assert_close(out["autodiff"][0], chain, dtype, "the forward is the chain's")
-    for rule in ("im2col", "flip"):
+    for rule in ("im2col", "flip", "in blocks", "autodiff in blocks"):
         assert_close(out[rule][0], chain, dtype, f"{rule} output")
         for name, a, b in zip(("x", "w", "gamma", "beta"), out[rule][1], out["autodiff"][1]):
             assert_close(a, b, dtype, f"{rule} d/d{name}")
@@ -70,3 +71,7 @@ def test_bad_input_is_named():
         jc.conv_bn_relu(x, w, g[:2], b)
     with pytest.raises(ValueError, match="conv_bn_relu: channel mismatch"):
         jc.conv_bn_relu(x[..., :2], w, g, b)
+    with pytest.raises(ValueError, match="conv_bn_relu: block applies to rule='im2col'"):
+        jc.conv_bn_relu(x, w, g, b, rule="flip", block=2)
+    with pytest.raises(ValueError, match="conv_bn_relu: block must be None, 'auto' or an int >= 1"):
+        jc.conv_bn_relu(x, w, g, b, block=0)
