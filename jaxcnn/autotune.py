@@ -30,7 +30,6 @@ default, written into the layers like a timed choice.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -135,7 +134,7 @@ def uniform(net: nw.Sequential, rule: str, store_phi: bool, block=None, fused: b
     included, given ``rule``, ``store_phi`` and ``block`` (a residual block's 1x1 projection takes the backend's
     default)."""
     net = net.fuse() if fused else net
-    return nw.Sequential([_given(layer, rule, store_phi, block) for layer in net.layers], name=net.name)
+    return net.with_convs(_open, rule=rule, store_phi=store_phi, block=block)
 
 
 def _open(layer: nw.Layer) -> bool:
@@ -144,14 +143,6 @@ def _open(layer: nw.Layer) -> bool:
         return any(_open(inner) for inner in layer.layers)
     return isinstance(layer, nw.Conv) and layer.rule is None and layer.store_phi is None and layer.block is None \
         and layer.grad != "autodiff"
-
-
-def _given(layer: nw.Layer, rule: str, store_phi: bool, block) -> nw.Layer:
-    if isinstance(layer, nw.Residual):
-        return dataclasses.replace(layer, layers=tuple(_given(inner, rule, store_phi, block) for inner in layer.layers))
-    if isinstance(layer, nw.ConvBNReLU):  # never stores phi(pad(Z)): it recomputes S (the candidate's rule only)
-        store_phi = False
-    return dataclasses.replace(layer, rule=rule, store_phi=store_phi, block=block) if _open(layer) else layer
 
 
 def backend_default(net: nw.Sequential, log: Callable[[str], None], why: str) -> nw.Sequential:
@@ -166,10 +157,10 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
                  ) -> dict[str, dict]:
     """The fastest of ``repeats`` timings of one jitted gradient of the objective (softmax cross-entropy) on a
     random batch, for each candidate given to every open conv layer, and its compiled temporary memory: label ->
-    {"ms", "temp_mb"} (None where the backend reports no memory). The
-    candidates are timed round-robin, so that the machine's drift affects them alike, and the minimum is kept:
-    other work on the machine only ever adds time (on the shared 2-core VM a median of 5 once chose unfused
-    im2col for simplenn-mnist, 7% slower than the fused block in the step table timed right after)."""
+    {"ms", "temp_mb"} (None where the backend reports no memory). The candidates are timed round-robin, so that
+    the machine's drift affects them alike, and the minimum is kept: other work on the machine only ever adds time
+    (on the shared 2-core VM a median of 5 once chose unfused im2col for simplenn-mnist, 7% slower than the fused
+    block in the step table timed right after)."""
     from jaxcnn import objective
 
     keys = jax.random.split(jax.random.key(0), 3)

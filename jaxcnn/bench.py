@@ -21,7 +21,6 @@ temporary memory against XLA's autodiff chain).
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import math
@@ -231,12 +230,6 @@ XLA_ELEMENTWISE = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.t
                    "softmax": jax.nn.softmax, "global_avg_pool": lambda x: jnp.mean(x, axis=(1, 2))}
 
 
-def with_conv(net: nw.Sequential, **settings) -> nw.Sequential:
-    """The network with ``settings`` (``store_phi``, ``block``) given to every conv layer of its top level."""
-    return nw.Sequential([dataclasses.replace(layer, **settings) if isinstance(layer, nw.Conv) else layer
-                          for layer in net.layers], name=net.name)
-
-
 def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
     """name -> loss(params, x, y) for the JAX variants that share our params."""
     def ours(n, grad, rule):
@@ -246,12 +239,12 @@ def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
     store = conv.resolve("bench", "im2col", None)[1]  # conv2d's default for the im2col rule on this backend
     variants = {
         "hand im2col": ours(net, "hand", "im2col"),
-        f"hand im2col, phi {'recomputed' if store else 'stored'}": ours(with_conv(net, store_phi=not store), "hand",
+        f"hand im2col, phi {'recomputed' if store else 'stored'}": ours(net.with_convs(store_phi=not store), "hand",
                                                                         "im2col"),
-        "hand im2col, phi in blocks": ours(with_conv(net, block="auto"), "hand", "im2col"),
+        "hand im2col, phi in blocks": ours(net.with_convs(block="auto"), "hand", "im2col"),
         "hand flip": ours(net, "hand", "flip"),
         "hand fused": ours(fused, "hand", None) if fused != net else None,
-        "hand fused, phi in blocks": ours(with_conv(fused, block="auto"), "hand", "im2col") if fused != net else None,
+        "hand fused, phi in blocks": ours(fused.with_convs(block="auto"), "hand", "im2col") if fused != net else None,
         "autodiff": ours(net, "autodiff", "im2col"),
         "xla autodiff": lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(xla_apply(net, p, x),
                                                                                         y).mean(),

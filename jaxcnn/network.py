@@ -17,7 +17,7 @@ import dataclasses
 import importlib.resources
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -775,6 +775,22 @@ class Sequential:
                 layers.append(self.layers[i])
                 i += 1
         return Sequential(layers, name=self.name)
+
+    def with_convs(self, select: Callable[[Conv], bool] | None = None, **settings) -> Sequential:
+        """The same network with ``settings`` (``rule``, ``store_phi``, ``block``) given to every conv layer that
+        ``select`` accepts (all by default), fused blocks and the layers of residual bodies included (a residual
+        block's projection is not a layer: it keeps the backend's default). A ``ConvBNReLU`` never stores
+        phi(pad(Z)): asked to, it gets ``store_phi=False``. Parameter names are unchanged."""
+        def given(layer: Layer) -> Layer:
+            if isinstance(layer, Residual):
+                return dataclasses.replace(layer, layers=tuple(given(inner) for inner in layer.layers))
+            if not isinstance(layer, Conv) or (select is not None and not select(layer)):
+                return layer
+            if isinstance(layer, ConvBNReLU) and settings.get("store_phi"):
+                return dataclasses.replace(layer, **{**settings, "store_phi": False})
+            return dataclasses.replace(layer, **settings)
+
+        return Sequential([given(layer) for layer in self.layers], name=self.name)
 
     def to_config(self) -> dict:
         """A plain dict (TOML/JSON) describing the network; ``Sequential.from_config`` reverses it."""

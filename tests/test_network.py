@@ -182,3 +182,27 @@ def test_presets():
     assert [type(layer).__name__ for layer in jc.preset("resnet-small").layers].count("Residual") == 3
     with pytest.raises(ValueError, match="unknown preset 'resnet'; available: cifar-bn, digits-cnn"):
         jc.preset("resnet")
+
+
+def test_with_convs_reaches_fused_and_residual_conv_layers():
+    """Settings reach every conv layer, fused ones and those of residual bodies included (the bench's "phi in
+    blocks" rows once changed the top level only); ``select`` filters; a ConvBNReLU is never told to store phi."""
+    net = jc.Sequential([jc.Conv(4, 3, padding=1), jc.ReLU(), jc.MaxPool(2),
+                         jc.Residual([jc.ConvBNReLU(4, 3, padding=1), jc.Conv(4, 3, padding=1, rule="flip")]),
+                         jc.Flatten(), jc.Dense(3)]).fuse()
+
+    def convs(layers):
+        for layer in layers:
+            yield from convs(layer.layers) if isinstance(layer, jc.Residual) else \
+                [layer] if isinstance(layer, jc.Conv) else []
+
+    open_ = lambda layer: layer.rule is None  # the last names its rule: a block would contradict it
+    blocked = net.with_convs(open_, block="auto")
+    assert [(type(c).__name__, c.block) for c in convs(blocked.layers)] == \
+        [("ConvReLUPool", "auto"), ("ConvBNReLU", "auto"), ("Conv", None)]
+    with pytest.raises(ValueError, match="conv: block applies to rule='im2col'"):
+        net.with_convs(block="auto")
+    stored = net.with_convs(open_, rule="im2col", store_phi=True)
+    assert [(c.rule, c.store_phi) for c in convs(stored.layers)] == [("im2col", True), ("im2col", False),
+                                                                     ("flip", None)]
+    assert blocked.names == net.names and jc.Sequential.from_config(blocked.to_config()) == blocked
