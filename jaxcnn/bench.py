@@ -88,8 +88,9 @@ def _count(net: nw.Sequential, input_shape, batch: int, first: bool) -> tuple[in
 
 
 def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int, statistic=np.median) -> dict[str, float]:
-    """Median (or another ``statistic``) seconds of each ``name: (f, args)``, every one called once to warm up
-    (compile), then all called in turn ``rounds`` times, so that the machine's drift affects them alike."""
+    """Median (or another ``statistic`` of the array of times) seconds of each ``name: (f, args)``, every one called
+    once to warm up (compile), then all called in turn ``rounds`` times, so that the machine's drift affects them
+    alike."""
     for f, args in functions.values():
         jax.block_until_ready(f(*args))
     seconds: dict[str, list[float]] = {name: [] for name in functions}
@@ -98,7 +99,7 @@ def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int, stati
             start = time.perf_counter()
             jax.block_until_ready(f(*args))
             seconds[name].append(time.perf_counter() - start)
-    return {name: float(statistic(s)) for name, s in seconds.items()}
+    return {name: statistic(np.asarray(s)) for name, s in seconds.items()}
 
 
 def median_seconds(f: Callable, *args, repeats: int = 10) -> float:
