@@ -498,8 +498,9 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         from jaxcnn import autotune
 
         variants = jax_variants(net)
-        tuned = autotune.tune(net, input_shape, batch, dtype, log=progress or (lambda line: None))[0]
-        variants["hand auto"] = lambda p, x, y: obj.objective(p, tuned, x, y)[0]  # rule="auto"
+        tuned, choice = autotune.tune(net, input_shape, batch, dtype, log=progress or (lambda line: None))
+        chosen = autotune.label(choice["rule"], choice["store_phi"], choice["block"], choice["fused"])
+        variants[f"hand auto: {chosen}"] = lambda p, x, y: obj.objective(p, tuned, x, y)[0]  # rule="auto"
     for name, loss in variants.items():
         runners[name] = JaxStep(loss, params, x, y)
     model = flax_model(net) if everything else None

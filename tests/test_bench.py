@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcnn as jc
-from jaxcnn import bench, cli
+from jaxcnn import autotune, bench, cli
 
 NET = jc.Sequential([jc.Conv(4, 3, stride=(1, 2), padding=((1, 0), (2, 1))), jc.Tanh(), jc.MaxPool(2),
                      jc.ConvReLUPool(6, 3, padding=1), jc.AvgPool((2, 1)), jc.Sigmoid(), jc.Flatten(),
@@ -131,8 +131,10 @@ def test_run_and_table(monkeypatch):
     result = bench.run("digits-cnn", (8, 8, 1), 8, steps=2)
     assert "JAXCNN_TEST_STAND_IN" not in os.environ  # the environment later subprocesses inherit is restored
     names = [m.name for m in result["measurements"]]
-    assert {"hand im2col", "hand flip", "hand fused", "hand auto", "autodiff", "xla autodiff", "pytorch",
+    assert {"hand im2col", "hand flip", "hand fused", "autodiff", "xla autodiff", "pytorch",
             "pytorch channels_last", "pytorch channels_last, compiled"} <= set(names)
+    chosen = [name.removeprefix("hand auto: ") for name in names if name.startswith("hand auto: ")]
+    assert chosen and chosen[0] in [autotune.label(*c) for c in autotune.candidates(jc.preset("digits-cnn"))]
     assert ("flax" in names) == (importlib.util.find_spec("flax") is not None)
     assert all(m.median_ms > 0 and m.min_ms <= m.median_ms <= m.max_ms for m in result["measurements"])
     assert all(m.compile_s > 0 and m.temp_mb is not None for m in result["measurements"]
