@@ -59,9 +59,7 @@ def conv_relu_pool(
     pool_window = pool_geometry(op, pool)
     conv.fits(op, "pool window", pool_window, window.out_hw(x.shape[1:3]), into="conv output")
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
-    rule, store_phi = conv.resolve(op, rule, store_phi, block)
-    block = conv.block_size(block, x, w, window)
-    conv.check_size(op, x, w, window, rule, store_phi, block)
+    rule, store_phi, block = conv.settle(op, x, w, window, rule, store_phi, block)
     if grad == "autodiff":
         return forward(window, pool_window, store_phi, x, w, b, block)
     if grad == "tangent":
@@ -157,9 +155,7 @@ def conv_bn_relu(x: jax.Array, w: jax.Array, gamma: jax.Array, beta: jax.Array, 
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
         raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
     _args.choice(op, "grad", grad, ("hand", "autodiff"))
-    rule, _ = conv.resolve(op, rule, False, block)
-    block = conv.block_size(block, x, w, window)
-    conv.check_size(op, x, w, window, rule, False, block)
+    rule, _, block = conv.settle(op, x, w, window, rule, False, block)
     if grad == "autodiff":
         return _bn_relu_forward(conv.forward(window, False, x, w, None, block)[0], gamma, beta, float(eps), axis_name)
     return _conv_bn_relu_hand(rule, window, float(eps), axis_name, block, x, w, gamma, beta)

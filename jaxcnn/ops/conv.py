@@ -101,9 +101,7 @@ def conv2d(
     """
     x, w, b, window = check("conv2d", x, w, b, stride, padding, dilation)
     _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
-    rule, store_phi = resolve("conv2d", rule, store_phi, block)
-    block = block_size(block, x, w, window)
-    check_size("conv2d", x, w, window, rule, store_phi, block)
+    rule, store_phi, block = settle("conv2d", x, w, window, rule, store_phi, block)
     if grad == "autodiff":
         return forward(window, store_phi, x, w, b, block)[0]
     if grad == "tangent":
@@ -135,6 +133,15 @@ def resolve(op: str, rule: str | None, store_phi: bool | None, block=None) -> tu
     if store_phi and rule != "im2col":
         raise ValueError(f"{op}: store_phi applies to rule='im2col' (the flip rule does not use phi(pad(Z)))")
     return rule, store_phi
+
+
+def settle(op: str, x: jax.Array, w: jax.Array, window: Window, rule, store_phi, block) -> tuple[str, bool, int | None]:
+    """An op's rule, store_phi and block: checked and resolved (``resolve``), the block sized for this batch
+    (``block_size``), and the arrays they imply checked against ``MAX_ENTRIES`` (``check_size``)."""
+    rule, store_phi = resolve(op, rule, store_phi, block)
+    block = block_size(block, x, w, window)
+    check_size(op, x, w, window, rule, store_phi, block)
+    return rule, store_phi, block
 
 
 BLOCK_BYTES = 4 * 2**20  # block="auto": phi(pad(Z)) of one block at most this size (fits a CPU's L2 + L3 share)
@@ -309,10 +316,15 @@ def _im2col_backward(window: Window, x, w, delta, stored_phi=None):
     rows = delta.reshape(-1, delta.shape[3])  # one row per output position
     p = phi(window, x) if stored_phi is None else stored_phi
     dw = jnp.matmul(p.reshape(rows.shape[0], -1).T, rows).reshape(w.shape)  # eq. (12)
-    # eq. (14) as the product it is: every reader of Delta is then a product, and XLA computes Delta once (a sum
-    # over rows would make it fuse Delta's producer, col2im and routing, into two readers and compute it twice).
-    db = jnp.ones(rows.shape[0], rows.dtype) @ rows
-    return _input_gradient(window, x, w, delta), dw, db
+    return _input_gradient(window, x, w, delta), dw, _bias_gradient(delta)
+
+
+def _bias_gradient(delta):
+    """db = Delta 1, eq. (14), as the product it is: every reader of Delta is then a product, and XLA computes Delta
+    once (a sum over rows would make it fuse Delta's producer, col2im and routing, into two readers and compute it
+    twice)."""
+    rows = delta.reshape(-1, delta.shape[3])
+    return jnp.ones(rows.shape[0], rows.dtype) @ rows
 
 
 def _input_gradient(window: Window, x, w, delta):
@@ -339,9 +351,7 @@ def _blocked_backward(window: Window, x, w, delta, block: int):
 
     split = lambda a: a.reshape(n // block, block, *a.shape[1:])
     dw, dx = lax.scan(one_block, jnp.zeros((math.prod(w.shape[:3]), w.shape[3]), acc), (split(x), split(delta)))
-    rows = delta.reshape(-1, delta.shape[3])
-    db = jnp.ones(rows.shape[0], rows.dtype) @ rows  # eq. (14)
-    return dx.reshape(x.shape), dw.reshape(w.shape).astype(w.dtype), db
+    return dx.reshape(x.shape), dw.reshape(w.shape).astype(w.dtype), _bias_gradient(delta)
 
 
 def _flip_backward(window: Window, x, w, delta):
