@@ -22,6 +22,11 @@ TINY = jc.Sequential([jc.Conv(2, 3, padding=1), jc.ReLU(), jc.Flatten(), jc.Dens
     (lambda: jc.conv2d(jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1)), padding=10**4),
      r"conv2d: the phi\(pad\(Z\)\) would have shape \(1, 20000, 20000, 9\), 3,600,000,000 entries, more than the "
      r"limit of 2\^31 - 1"),
+    (lambda: jc.ops.conv2d_jvp((jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1))), (jnp.ones((1, 2, 2, 1)), None),
+                           padding=10**4), r"conv2d_jvp: the phi\(pad\(Z\)\) would have shape \(1, 20000, 20000, 9\)"),
+    (lambda: jc.ops.conv_relu_pool_jvp((jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1))), (None, jnp.ones((3, 3, 1, 1))),
+                                   padding=10**5, rule="flip"),
+     r"conv_relu_pool_jvp: the padded input would have shape"),
     (lambda: jc.preset("digits-cnn").apply({}, jnp.ones((1, 8, 8, 1))),
      r"layer 0 \(Conv\(32, padding=1\)\): params has no entry 'conv1' \(it has \[\]\)"),
     (lambda: jc.Sequential([jc.Flatten(), jc.Dense(2**31)]), r"dense: features = 2147483648 exceeds the limit"),

@@ -272,8 +272,7 @@ def conv2d_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation
     """
     (x, w, b), (dx, dw, db) = _args.jvp_pairs("conv2d_jvp", primals, tangents, ("x", "w", "b"))
     x, w, b, window = check("conv2d_jvp", x, w, b, stride, padding, dilation)
-    rule, store_phi = resolve("conv2d_jvp", rule, store_phi, block)
-    block = block_size(block, x, w, window)
+    rule, store_phi, block = settle("conv2d_jvp", x, w, window, rule, store_phi, block)
     dx, dw, db = _args.tangents_match("conv2d_jvp", ("x", "w", "b"), (x, w, b), (dx, dw, db))
     return tangent(rule, window, store_phi, x, w, b, dx, dw, db, block)
 
