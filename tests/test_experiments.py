@@ -32,3 +32,10 @@ def test_experiment_runs_quick(name, tmp_path):
         assert (tmp_path / file).stat().st_size > 0, f"{name} did not write {file}"
     report = (tmp_path / files[0]).read_text()
     assert "| " in report and "cores" in report, "a report has its table and the machine it ran on"
+
+
+def test_a_flag_xla_does_not_know_is_reported_not_fatal():
+    from experiments import xla_flags
+
+    why = xla_flags.run_child("--xla_no_such_flag_in_any_version=1", "digits-cnn", 16, 1)
+    assert isinstance(why, str) and "xla_no_such_flag_in_any_version" in why, why
