@@ -91,7 +91,9 @@ def main(argv=None) -> None:
     first = run_child("", preset, batch, steps)  # the default setting, and which backend the children get
     if isinstance(first, str):
         raise RuntimeError(f"the training step failed without any flag: {first}")
-    settings = SETTINGS["cpu" if first["backend"] == "cpu" else "gpu"]
+    if first["backend"] not in SETTINGS:
+        raise RuntimeError(f"no XLA settings to try on the {first['backend']} backend (only on {', '.join(SETTINGS)})")
+    settings = SETTINGS[first["backend"]]
     settings = dict(list(settings.items())[:2]) if args.quick else settings
     times: dict[str, list] = {name: [] for name in settings}
     failed: dict[str, str] = {}
@@ -110,10 +112,13 @@ def main(argv=None) -> None:
     rows = []
     base = {rule: float(np.median([t[rule] for t in times["default"]])) for rule in RULES}
     for name, flags in settings.items():
-        cells = [f"failed: {failed[name]}", *["-"] * (2 * len(RULES) - 1)] if name in failed else []
-        for rule in RULES if name not in failed else ():
-            ms = [t[rule] for t in times[name]]
-            cells += [f"{np.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})", f"{np.median(ms) / base[rule]:.2f}x"]
+        if name in failed:
+            cells = [f"failed: {failed[name]}", *["-"] * (2 * len(RULES) - 1)]
+        else:
+            cells = []
+            for rule in RULES:
+                ms = [t[rule] for t in times[name]]
+                cells += [f"{np.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})", f"{np.median(ms) / base[rule]:.2f}x"]
         rows.append([name, f"`{flags}`" if flags else "-", *cells])
     report = "xla_flags.md" if first["backend"] == "cpu" else f"xla_flags-{first['backend']}.md"
     write(args.out, report, "\n\n".join([
