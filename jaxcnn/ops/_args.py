@@ -30,13 +30,22 @@ def array(op: str, name: str, value, *, rank: int | None = None, layout: str = "
         raise TypeError(f"{op}: {name} must be an array, got {type(value).__name__}") from err
     if not jnp.issubdtype(value.dtype, jnp.floating):
         raise TypeError(
-            f"{op}: {name} must have a floating-point dtype (float32, float64, bfloat16), got {value.dtype}; "
-            f"cast it first, e.g. {name}.astype(jnp.float32)"
+            f"{op}: {name} must have a floating-point dtype (float32, float64, bfloat16, float16), got "
+            f"{value.dtype}; cast it first, e.g. {name}.astype(jnp.float32)"
         )
     if rank is not None and value.ndim != rank:
         shape_hint = f" {layout}" if layout else ""
         raise ValueError(f"{op}: {name} must have rank {rank}{shape_hint}, got shape {tuple(value.shape)}")
     return value
+
+
+def nonempty(op: str, name: str, value: jax.Array, axes: dict[int, str], why: str) -> None:
+    """Each axis of ``axes`` ({axis: its name in the message}) of ``value`` has size >= 1: the op averages or
+    normalises over them (``why``), and over nothing it would return NaN instead of an error."""
+    empty = [f"{label}=0" for axis, label in axes.items() if value.shape[axis] == 0]
+    if empty:
+        raise ValueError(f"{op}: {name} has shape {tuple(value.shape)}, with {' and '.join(empty)}; {why}, so "
+                         f"{'each' if len(empty) > 1 else 'it'} must be >= 1")
 
 
 def same_dtype(op: str, **arrays: jax.Array | None) -> None:

@@ -288,6 +288,7 @@ def softmax(x: jax.Array, *, grad: str = "hand") -> jax.Array:
     _args.choice("softmax", "grad", grad, _args.GRAD_MODES)
     if x.ndim == 0:
         raise ValueError("softmax: x must have at least one axis (the classes), got a scalar")
+    _args.nonempty("softmax", "x", x, {-1: "K"}, "softmax normalises over the last axis, the K classes")
     if grad == "tangent":
         return _tangent.call(softmax_jvp, (x,))
     return loss.softmax(x) if grad == "autodiff" else _softmax_hand(x)

@@ -75,6 +75,9 @@ def _inputs(op: str, z_arg, y_arg, grad: str) -> tuple[jax.Array, jax.Array]:
     (z_name, z), (y_name, y) = z_arg, y_arg
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
     z = _args.array(op, z_name, z, rank=2, layout="[N, K]")
+    _args.nonempty(op, z_name, z, {0: "N", 1: "K"} if op == "softmax_cross_entropy" else {0: "N"},
+                   "the loss is a mean over the batch's N rows" + (" of a softmax over K classes" if op ==
+                                                                    "softmax_cross_entropy" else ""))
     n, k = z.shape
     y = jnp.asarray(y)
     if jnp.issubdtype(y.dtype, jnp.integer):
@@ -123,8 +126,12 @@ def softmax(z: jax.Array) -> jax.Array:
 
 
 def cross_entropy_forward(z: jax.Array, y: jax.Array) -> jax.Array:
+    """-(1/N) sum_ij y_ij log p_ij, with 0 log 0 = 0: a class masked out by a logit of -inf (p = 0) that is not a
+    target (y = 0) adds nothing, where the plain product 0 * -inf would make the loss NaN. (Differentiated by JAX,
+    such an entry's gradient in y is then 0; the hand rule's is -log p / N = +inf, the derivative.)"""
     ct = _args.compute_dtype(z, y)
-    return -jnp.sum(y.astype(ct) * log_softmax(z.astype(ct))) / z.shape[0]
+    y, log_p = y.astype(ct), log_softmax(z.astype(ct))
+    return -jnp.sum(y * jnp.where((y == 0) & (log_p == -jnp.inf), 0, log_p)) / z.shape[0]
 
 
 @jax.custom_vjp

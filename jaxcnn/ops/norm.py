@@ -73,6 +73,10 @@ def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, mean: jax.Arr
                                  f"{tuple(value.shape)}")
     if (mean is None) != (var is None):
         raise ValueError("batch_norm: pass both mean and var (evaluation mode) or neither (training mode)")
+    if mean is None:
+        axes = dict(enumerate(("N", "H", "W")[:x.ndim - 1]))
+        _args.nonempty("batch_norm", "x", x, axes, f"training mode takes each channel's mean and variance over "
+                                                   f"{', '.join(axes.values())}")
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
         raise ValueError(f"batch_norm: eps must be a number > 0, got {eps!r}")
     _args.choice("batch_norm", "grad", grad, ("hand", "autodiff"))

@@ -272,6 +272,7 @@ def global_avg_pool(x: jax.Array, *, grad: str = "hand") -> jax.Array:
       grad: "hand", "autodiff" or "tangent" (the hand tangent rule, for forward mode).
     """
     x = _args.array("global_avg_pool", "x", x, rank=4, layout="[N, H, W, C]")
+    _args.nonempty("global_avg_pool", "x", x, {1: "H", 2: "W"}, "each channel is averaged over the image")
     _args.choice("global_avg_pool", "grad", grad, _args.GRAD_MODES)
     if grad == "tangent":
         return _tangent.call(global_avg_pool_jvp, (x,))
@@ -282,6 +283,7 @@ def global_avg_pool_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax
     """The hand tangent rule of ``global_avg_pool``: ``(z, mean of dx over H and W)`` (the op is linear)."""
     (x,), (dx,) = _args.jvp_pairs("global_avg_pool_jvp", primals, tangents, ("x",))
     x = _args.array("global_avg_pool_jvp", "x", x, rank=4, layout="[N, H, W, C]")
+    _args.nonempty("global_avg_pool_jvp", "x", x, {1: "H", 2: "W"}, "each channel is averaged over the image")
     (dx,) = _args.tangents_match("global_avg_pool_jvp", ("x",), (x,), (dx,))
     z = _global_avg_forward(x)
     return z, jnp.zeros_like(z) if dx is None else _global_avg_forward(dx)

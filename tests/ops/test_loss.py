@@ -55,6 +55,31 @@ def test_cross_entropy_is_stable_for_huge_logits(grad):
     np.testing.assert_array_equal(g, [[0, 0, 0], [-0.5, 0.5, 0]])  # (softmax - y) / N, softmax exactly one-hot
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("grad", ["hand", "autodiff", "tangent"])
+def test_classes_masked_by_minus_inf_logits_drop_out_of_the_loss(grad, dtype):
+    """A logit of -inf masks its class out (p = 0): with 0 log 0 = 0 the loss and its gradient are those of the
+    classes left, softmax over them minus y, not NaN (0 * -inf), for integer labels and one-hot rows alike."""
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((6, 5)) * 3
+    labels = np.array([0, 4, 2, 1, 3, 0])
+    masked = rng.random((6, 5)) < 0.4
+    masked[np.arange(6), labels] = False
+    masked[0] = [False, True, True, True, True]  # one class left: loss 0, gradient 0
+    kept = np.where(masked, -np.inf, z)
+    p = np.exp(kept - kept.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    one_hot = np.eye(5)[labels]
+    expected_loss = -np.mean(np.log(p[np.arange(6), labels]))
+    expected_grad = (p - one_hot) / 6  # exactly 0 on the masked classes
+    for y in (jnp.asarray(labels), jnp.asarray(one_hot, dtype)):
+        loss, g = jax.value_and_grad(jc.softmax_cross_entropy)(jnp.asarray(kept, dtype), y, grad=grad)
+        tol = 1e-12 if dtype == jnp.float64 else 1e-5
+        np.testing.assert_allclose(loss, expected_loss, rtol=tol)
+        np.testing.assert_allclose(g, expected_grad, rtol=tol, atol=tol)
+        assert not np.any(g[masked])
+
+
 def test_bfloat16_inputs_give_float32_loss_and_bfloat16_gradients():
     z = jnp.ones((2, 3), jnp.bfloat16)
     assert jc.softmax_cross_entropy(z, jnp.array([0, 1])).dtype == jnp.float32

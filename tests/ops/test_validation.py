@@ -121,6 +121,36 @@ def test_losses(op):
         op(jnp.zeros((4, 3)), jnp.array([0, 1, 2, 0]), grad="both")
 
 
+def shape(*dims):
+    return jax.ShapeDtypeStruct(dims, jnp.float32)
+
+
+@pytest.mark.parametrize("call,args,match", [
+    (jc.squared_error, (shape(0, 3), shape(0, 3)), r"squared_error: z has shape \(0, 3\), with N=0; the loss is a "
+                                                   r"mean over the batch's N rows, so it must be >= 1"),
+    (jc.softmax_cross_entropy, (shape(0, 3), jax.ShapeDtypeStruct((0,), jnp.int32)), r"logits has shape \(0, 3\), "
+                                                                                     r"with N=0"),
+    (jc.softmax_cross_entropy, (shape(2, 0), shape(2, 0)), r"logits has shape \(2, 0\), with K=0; .* softmax over K "
+                                                           r"classes"),
+    (jc.softmax, (shape(2, 0),), r"softmax: x has shape \(2, 0\), with K=0"),
+    (jc.global_avg_pool, (shape(2, 0, 0, 3),), r"global_avg_pool: x has shape \(2, 0, 0, 3\), with H=0 and W=0; each "
+                                               r"channel is averaged over the image, so each must be >= 1"),
+    (lambda x: jc.batch_norm(x, jnp.ones(3), jnp.zeros(3)), (shape(0, 4, 4, 3),),
+     r"batch_norm: x has shape \(0, 4, 4, 3\), with N=0; training mode takes each channel's mean and variance over "
+     r"N, H, W"),
+    (lambda x: jc.batch_norm(x, jnp.ones(3), jnp.zeros(3)), (shape(0, 3),), r"with N=0; .* variance over N, so"),
+])
+def test_an_axis_the_op_averages_over_must_not_be_empty(call, args, match):
+    """Over an empty axis a mean is NaN: the op says which axis instead."""
+    fails(ValueError, match, call, *args)
+
+
+def test_batch_norm_in_evaluation_mode_takes_an_empty_batch():
+    """With given statistics nothing is averaged over the batch: an empty batch is an empty result."""
+    y, _, _ = jc.batch_norm(jnp.ones((0, 2, 2, 3)), jnp.ones(3), jnp.zeros(3), mean=jnp.zeros(3), var=jnp.ones(3))
+    assert y.shape == (0, 2, 2, 3)
+
+
 def test_errors_come_before_compilation_under_jit():
     """Under jit the same error is raised while tracing: nothing is compiled for a bad call."""
     with pytest.raises(ValueError, match="conv2d: channel mismatch"):
