@@ -101,12 +101,28 @@ def check_stateless(net: nw.Sequential) -> None:
                          f"optimizer) need a network whose outputs are per example; use a first-order optimizer")
 
 
+def check_direction(op: str, params: dict, v: dict) -> None:
+    """``v`` is a direction in parameter space: a pytree of ``params``' structure with arrays of the same shapes
+    (else ValueError naming the first entry that differs)."""
+    entries = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+    want, got = entries(params), entries(v)
+    for path in [*want, *got]:
+        where = jax.tree_util.keystr(path)
+        if path not in got or path not in want:
+            raise ValueError(f"{op}: v must have the structure of params (one array per parameter), but only "
+                             f"{'params' if path in want else 'v'} has an entry {where}")
+        if jnp.shape(got[path]) != jnp.shape(want[path]):
+            raise ValueError(f"{op}: v{where} must have the shape of params{where} {tuple(jnp.shape(want[path]))}, "
+                             f"got {tuple(jnp.shape(got[path]))}")
+
+
 def jvp(net: nw.Sequential, params: dict, x: jax.Array, v: dict, *, grad: str = "hand",
         rule: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(z, J v)``: the network's output for a batch ``x`` and its tangent for a parameter direction ``v`` (a
     pytree like ``params``), the input held fixed. ``grad="hand"``: every layer's hand tangent rule, layer by
     layer (simpleNN's R-op); ``grad="autodiff"``: ``jax.jvp`` of the autodiff network."""
     check_stateless(net)
+    check_direction("jvp", params, v)
     if grad == "autodiff":
         return jax.jvp(lambda p: net.apply(p, x, grad="autodiff", rule=rule), (params,), (v,))
     return _chain_jvp(net, params, x, v, None, grad, rule)
@@ -144,6 +160,8 @@ def _kept(layer: nw.Layer) -> bool:
 
 
 def _segment_size(name: str, batch_size, count: int) -> int:
+    if count == 0:
+        raise ValueError(f"{name}: x has no examples (N=0); the Gauss-Newton matrix is a mean over them")
     size = count if batch_size is None else batch_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"{name}: batch_size must be a positive int, got {batch_size!r}")
@@ -164,6 +182,22 @@ def forward(net: nw.Sequential, params: dict, x: jax.Array, *, batch_size: int |
     size = _segment_size("forward", batch_size, x.shape[0])
     (xs,), mask = segments(size, x)
     return Forward(_map(lambda seg: _outputs(net, params, seg, grad, rule), xs), mask, x.shape[0])
+
+
+def _check_forward(net: nw.Sequential, stored: Forward) -> None:
+    """A stored forward pass must be this network's: one entry per layer and the input, outputs kept for exactly
+    the layers ``forward`` keeps, each of the shape this network gives it (parameters cannot be told apart: the
+    caller keeps them the same)."""
+    *outputs, x = stored.stored
+    if len(outputs) != len(net.layers):
+        raise ValueError(f"gauss_newton_product: x is the stored forward pass of a network of {len(outputs)} layers, "
+                         f"but {net.name} has {len(net.layers)}; run forward(net, params, x) with this network")
+    shapes = net.shapes(tuple(x.shape[2:]))
+    for i, (layer, out, shape) in enumerate(zip(net.layers, outputs, shapes)):
+        if (out is None) == _kept(layer) or (out is not None and tuple(out.shape[2:]) != tuple(shape)):
+            raise ValueError(f"gauss_newton_product: x is the stored forward pass of another network: layer {i} "
+                             f"({nw.describe(layer)}) of {net.name} does not match what it stored; run "
+                             f"forward(net, params, x) with this network")
 
 
 def _segment_product(net: nw.Sequential, params: dict, stored: tuple, mask: jax.Array, v: dict, loss: str,
@@ -211,7 +245,12 @@ def gauss_newton_product(net: nw.Sequential, params: dict, x: jax.Array | Forwar
     """
     check_objective(loss, C)
     check_stateless(net)
+    check_direction("gauss_newton_product", params, v)
+    if isinstance(damping, (int, float)) and not damping >= 0:  # a traced damping (inside jit) is the caller's
+        raise ValueError(f"gauss_newton_product: damping (Levenberg-Marquardt's lambda) must be a number >= 0, got "
+                         f"{damping!r}")
     if isinstance(x, Forward):
+        _check_forward(net, x)
         parts = _map(lambda seg: _segment_product(net, params, *seg, v, loss, grad, rule), (x.stored, x.mask))
         count, dtype = x.count, x.stored[-1].dtype
     else:

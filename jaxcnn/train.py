@@ -287,9 +287,8 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
 
         return newton.fit(net, prep, cfg, on_epoch=on_epoch, checkpoint=checkpoint, resume=resume, devices=devices)
     check_network(net, prep.input_shape, prep.classes)
+    check_batch_size(cfg, len(prep.x_fit))
     n, batch = len(prep.x_fit), cfg.batch_size
-    if batch > n:
-        raise ValueError(f"train: batch_size {batch} exceeds the {n} training examples")
     steps = n // batch  # the remainder of each epoch's permutation is skipped (a different one each epoch)
     mesh = parallel.make_mesh(devices)
     parallel.check_batch(batch, mesh)
@@ -403,16 +402,23 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
     return result
 
 
+def check_batch_size(cfg: TrainConfig, examples: int) -> None:
+    """A first-order step takes ``batch_size`` of the training examples (Newton's method takes segments of any
+    size): checked before anything is timed or compiled."""
+    if cfg.optimizer != "newton" and cfg.batch_size > examples:
+        raise ValueError(f"train: batch_size {cfg.batch_size} exceeds the {examples} training examples")
+
+
 def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None, log: Callable[[str], None]
           ) -> Sequential:
     """``net`` with the rule fastest on this machine for its conv layers that name none (``jaxcnn.autotune``),
-    timed at the batch each device computes."""
+    timed at the batch each device computes (Newton's segments hold at most the training set)."""
     from jaxcnn import autotune
 
     if jax.process_count() > 1:
         return autotune.backend_default(net, log, "several processes: each would time on its own and might choose "
                                                   "another; --rule names one")
-    per_device = max(1, cfg.batch_size // parallel.make_mesh(devices).size)
+    per_device = max(1, min(cfg.batch_size, len(prep.x_fit)) // parallel.make_mesh(devices).size)
     return autotune.tune(net, prep.input_shape, per_device, cfg.compute_dtype or jnp.float32, log=log,
                          min_flops=autotune.MIN_FLOPS)[0]
 
@@ -612,6 +618,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     dataset = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download, progress=progress)
     prep = prepare(dataset, cfg)
     check_network(net, prep.input_shape, prep.classes)
+    check_batch_size(cfg, len(prep.x_fit))
     if cfg.rule == "auto":  # before run.json is written: it records the rules chosen, and --resume reuses them
         net = tuned(net, prep, cfg, devices, log)
     # for the record: what layers without a rule of their own use

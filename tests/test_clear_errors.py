@@ -79,3 +79,13 @@ def test_a_state_without_the_keys_resume_reads_is_passed_over(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "its metadata lacks network, dataset, recipe, position" in captured.out
     assert "no training state of this run to resume from" in captured.err
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_rules_are_timed(tmp_path, capsys, monkeypatch):
+    """It used to be found only after rule="auto" had compiled and timed six candidates at that batch (minutes at
+    batch 100000): now before anything is timed, written or compiled."""
+    monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", "--batch-size", "100000", "--out", str(out), "--no-progress"]) == 2
+    assert "batch_size 100000 exceeds the 1212 training examples" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not out.exists()

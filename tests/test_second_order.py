@@ -108,6 +108,32 @@ def test_bad_segment_size_is_refused():
         second_order.gauss_newton_product(net, params, x, v, C=-1.0)
 
 
+def test_a_direction_damping_or_stored_pass_that_does_not_fit_is_refused():
+    """A v of other structure or shapes, a negative damping and another network's stored forward pass would give a
+    KeyError or a silently wrong G v: each is a ValueError naming what differs."""
+    net, params, x, v = setup("digits-cnn", (8, 8, 1), batch=2)
+    product = second_order.gauss_newton_product
+    with pytest.raises(ValueError, match=r"v must have the structure of params .* only params has an entry "
+                                         r"\['dense1'\]\['b'\]"):
+        product(net, params, x, {**v, "dense1": {"w": v["dense1"]["w"]}})
+    with pytest.raises(ValueError, match=r"jvp: v\['conv1'\]\['b'\] must have the shape of params\['conv1'\]\['b'\] "
+                                         r"\(32,\), got \(1,\)"):
+        second_order.jvp(net, params, x, {**v, "conv1": {**v["conv1"], "b": jnp.ones(1)}})
+    with pytest.raises(ValueError, match=r"damping \(Levenberg-Marquardt's lambda\) must be a number >= 0, got -1.0"):
+        product(net, params, x, v, damping=-1.0)
+    with pytest.raises(ValueError, match=r"x has no examples \(N=0\)"):
+        product(net, params, x[:0], v)
+    stored = second_order.forward(net, params, x)
+    for other, match in [(net.layers[:3] + net.layers[-2:], r"stored forward pass of a network of 8 layers, but other "
+                                                             r"has 5"),
+                         ((jc.Conv(8, 3, padding=1), *net.layers[1:]), r"layer 0 \(Conv\(8, padding=1\)\) of other "
+                                                                       r"does not match what it stored")]:
+        other = jc.Sequential(list(other), name="other")
+        other_params = other.init(jax.random.key(0), (8, 8, 1), jnp.float64)
+        with pytest.raises(ValueError, match=match):
+            product(other, other_params, stored, jax.tree_util.tree_map(jnp.ones_like, other_params))
+
+
 PSUM_SCRIPT = """
 import json
 import jax, jax.numpy as jnp
