@@ -871,7 +871,10 @@ def _param_shapes(layer: Layer, in_shape: Shape, index: int) -> dict[str, Shape]
         expected = "an image [H, W, C]" if isinstance(layer, Conv) else "a flat vector (add a Flatten layer first)"
         raise ValueError(f"layer {index} ({describe(layer)}) expects {expected}, got input of shape "
                          f"{_fmt(in_shape)}")
-    shapes = layer.param_shapes(in_shape)
+    try:
+        shapes = layer.param_shapes(in_shape)
+    except ValueError as err:  # a residual block whose shortcut cannot match its body, say
+        raise ValueError(f"layer {index} ({describe(layer)}): {err}") from None
     for name, shape in _shape_items(shapes):
         if math.prod(shape) > MAX_LAYER_PARAMS:
             raise ValueError(f"layer {index} ({describe(layer)}): its {name} would have shape {_fmt(shape)}, more "

@@ -78,8 +78,13 @@ def test_toml_round_trip_with_nested_layers_and_errors():
                                               {"type": "residual", "layers": [{"type": "conv", "features": 2,
                                                                                "kernal": 3}]}]})
     bad = jc.Sequential([jc.Residual([jc.Conv(8, 3, padding=1)], projection=False)])
-    with pytest.raises(ValueError, match="maps 6x6x4 to 6x6x8, so the shortcut needs a projection"):
+    with pytest.raises(ValueError, match=r"layer 0 \(Residual\(\[Conv\(8, padding=1\)\], projection=False\)\): "
+                                         r"residual: the body maps 6x6x4 to 6x6x8, so the shortcut needs a projection"):
         bad.init(jax.random.key(0), (6, 6, 4))
+    unpadded = jc.Sequential([jc.Conv(3, 1), jc.Residual([jc.Conv(3, 3)])])
+    with pytest.raises(ValueError, match=r"layer 1 \(Residual\(\[Conv\(3\)\]\)\): residual: no 1x1 convolution with a "
+                                         r"stride maps 8x8 to 6x6"):
+        unpadded.shapes((8, 8, 1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
