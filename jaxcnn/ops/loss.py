@@ -75,9 +75,11 @@ def _inputs(op: str, z_arg, y_arg, grad: str) -> tuple[jax.Array, jax.Array]:
     (z_name, z), (y_name, y) = z_arg, y_arg
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
     z = _args.array(op, z_name, z, rank=2, layout="[N, K]")
-    _args.nonempty(op, z_name, z, {0: "N", 1: "K"} if op == "softmax_cross_entropy" else {0: "N"},
-                   "the loss is a mean over the batch's N rows" + (" of a softmax over K classes" if op ==
-                                                                    "softmax_cross_entropy" else ""))
+    if op == "softmax_cross_entropy":
+        _args.nonempty(op, z_name, z, {0: "N", 1: "K"}, "the loss is a mean over the batch's N rows of a softmax "
+                                                        "over K classes")
+    else:
+        _args.nonempty(op, z_name, z, {0: "N"}, "the loss is a mean over the batch's N rows")
     n, k = z.shape
     y = jnp.asarray(y)
     if jnp.issubdtype(y.dtype, jnp.integer):

@@ -271,19 +271,24 @@ def global_avg_pool(x: jax.Array, *, grad: str = "hand") -> jax.Array:
       x: [N, H, W, C], floating point.
       grad: "hand", "autodiff" or "tangent" (the hand tangent rule, for forward mode).
     """
-    x = _args.array("global_avg_pool", "x", x, rank=4, layout="[N, H, W, C]")
-    _args.nonempty("global_avg_pool", "x", x, {1: "H", 2: "W"}, "each channel is averaged over the image")
+    x = _image("global_avg_pool", x)
     _args.choice("global_avg_pool", "grad", grad, _args.GRAD_MODES)
     if grad == "tangent":
         return _tangent.call(global_avg_pool_jvp, (x,))
     return _global_avg_forward(x) if grad == "autodiff" else _global_avg_hand(x, x.shape[1:3])
 
 
+def _image(op: str, x) -> jax.Array:
+    """``x`` checked as global average pooling's input: [N, H, W, C], floating point, with pixels to average."""
+    x = _args.array(op, "x", x, rank=4, layout="[N, H, W, C]")
+    _args.nonempty(op, "x", x, {1: "H", 2: "W"}, "each channel is averaged over the image")
+    return x
+
+
 def global_avg_pool_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
     """The hand tangent rule of ``global_avg_pool``: ``(z, mean of dx over H and W)`` (the op is linear)."""
     (x,), (dx,) = _args.jvp_pairs("global_avg_pool_jvp", primals, tangents, ("x",))
-    x = _args.array("global_avg_pool_jvp", "x", x, rank=4, layout="[N, H, W, C]")
-    _args.nonempty("global_avg_pool_jvp", "x", x, {1: "H", 2: "W"}, "each channel is averaged over the image")
+    x = _image("global_avg_pool_jvp", x)
     (dx,) = _args.tangents_match("global_avg_pool_jvp", ("x",), (x,), (dx,))
     z = _global_avg_forward(x)
     return z, jnp.zeros_like(z) if dx is None else _global_avg_forward(dx)
