@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxcnn import ops
 from jaxcnn.custom import CustomOp
-from jaxcnn.ops import _args
+from jaxcnn.ops import _args, winograd
 from jaxcnn.ops._windows import Window
 from jaxcnn.ops.block import pool_geometry as block_pool_geometry
 from jaxcnn.ops.conv import geometry as conv_geometry
@@ -139,6 +139,16 @@ class Conv(Layer):
         _check_init(self.type, self.init)
         _check_mode(self.type, self.grad)
         resolve_rule(self.type, self.rule, self.store_phi, self.block)
+        if self.rule == "winograd":
+            winograd.check(self.type, *self._pairs())
+
+    def _pairs(self) -> tuple:
+        return tuple(_args.positive_pair(self.type, name, getattr(self, name)) for name in
+                     ("kernel", "stride", "dilation"))
+
+    def winograd_applies(self) -> bool:
+        """Whether ``rule="winograd"`` computes this layer: a 3x3 kernel, stride 1, no dilation."""
+        return winograd.applies(*self._pairs())
 
     def param_shapes(self, in_shape):
         kh, kw = _args.positive_pair(self.type, "kernel", self.kernel)

@@ -95,8 +95,12 @@ class TrainConfig:
         _args.choice("train", "schedule", self.schedule, SCHEDULES)
         _args.choice("train", "grad", self.grad, _args.GRAD_MODES)
         _args.choice("train", "precision", self.precision, tuple(PRECISIONS))
+        if self.rule == "winograd":
+            raise ValueError("train: rule='winograd' computes only 3x3, stride-1 convolutions, so it is not a rule for "
+                             "the whole network: name it on those layers (rule = \"winograd\" in the network's TOML), "
+                             "or use rule='auto', which times it where it applies")
         if self.rule is not None:
-            _args.choice("train", "rule", self.rule, (*_args.CONV_RULES, "auto"))
+            _args.choice("train", "rule", self.rule, ("im2col", "flip", "auto"))
         obj.check(self.loss, self.C)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 GRAD_MODES = ("hand", "autodiff", "tangent")
-CONV_RULES = ("im2col", "flip")
+CONV_RULES = ("im2col", "flip", "winograd")
 
 Pair = tuple[int, int]
 Padding = tuple[Pair, Pair]

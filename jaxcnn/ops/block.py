@@ -61,7 +61,7 @@ def conv_relu_pool(
     _args.choice(op, "grad", grad, _args.GRAD_MODES)
     rule, store_phi, block = conv.settle(op, x, w, window, rule, store_phi, block)
     if grad == "autodiff":
-        return forward(window, pool_window, store_phi, x, w, b, block)
+        return forward(window, pool_window, store_phi, x, w, b, block, rule)
     if grad == "tangent":
         return _tangent.call(conv_relu_pool_jvp, (x, w, b), stride=stride, padding=padding, dilation=dilation,
                              pool=pool, rule=rule, store_phi=store_phi, block=block)
@@ -98,18 +98,19 @@ def pool_geometry(op: str, pool) -> Window:
     return Window(size, size, (1, 1), ((0, 0), (0, 0)))
 
 
-def forward(window: Window, pool_window: Window, store_phi: bool, x, w, b, block: int | None = None) -> jax.Array:
+def forward(window: Window, pool_window: Window, store_phi: bool, x, w, b, block: int | None = None,
+            rule: str | None = None) -> jax.Array:
     """The one forward pass, shared by both gradient modes: conv, then ReLU, then max pooling."""
-    return max_forward(pool_window, relu_forward(conv.forward(window, store_phi, x, w, b, block)[0]))
+    return max_forward(pool_window, relu_forward(conv.forward(window, store_phi, x, w, b, block, rule)[0]))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _block_hand(rule, window, pool_window, store_phi, block, x, w, b):
-    return forward(window, pool_window, store_phi, x, w, b, block)
+    return forward(window, pool_window, store_phi, x, w, b, block, rule)
 
 
 def _block_hand_fwd(rule, window, pool_window, store_phi, block, x, w, b):
-    s, phi = conv.forward(window, store_phi, x, w, b, block)
+    s, phi = conv.forward(window, store_phi, x, w, b, block, rule)
     z_next, index = max_with_index(pool_window, relu_forward(s))
     return z_next, (x, w, b, z_next, index, phi)
 
@@ -156,7 +157,8 @@ def conv_bn_relu(x: jax.Array, w: jax.Array, gamma: jax.Array, beta: jax.Array, 
     _args.choice(op, "grad", grad, ("hand", "autodiff"))
     rule, _, block = conv.settle(op, x, w, window, rule, False, block)
     if grad == "autodiff":
-        return _bn_relu_forward(conv.forward(window, False, x, w, None, block)[0], gamma, beta, float(eps), axis_name)
+        return _bn_relu_forward(conv.forward(window, False, x, w, None, block, rule)[0], gamma, beta, float(eps),
+                                axis_name)
     return _conv_bn_relu_hand(rule, window, float(eps), axis_name, block, x, w, gamma, beta)
 
 
@@ -167,11 +169,12 @@ def _bn_relu_forward(s, gamma, beta, eps, axis_name):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _conv_bn_relu_hand(rule, window, eps, axis_name, block, x, w, gamma, beta):
-    return _bn_relu_forward(conv.forward(window, False, x, w, None, block)[0], gamma, beta, eps, axis_name)
+    return _bn_relu_forward(conv.forward(window, False, x, w, None, block, rule)[0], gamma, beta, eps, axis_name)
 
 
 def _conv_bn_relu_fwd(rule, window, eps, axis_name, block, x, w, gamma, beta):
-    y, mean, var = _bn_relu_forward(conv.forward(window, False, x, w, None, block)[0], gamma, beta, eps, axis_name)
+    y, mean, var = _bn_relu_forward(conv.forward(window, False, x, w, None, block, rule)[0], gamma, beta, eps,
+                                    axis_name)
     return (y, mean, var), (x, w, gamma, beta, y)
 
 
@@ -180,7 +183,7 @@ def _conv_bn_relu_bwd(rule, window, eps, axis_name, block, res, cotangents):
     delta, dmean, dvar = cotangents
     # recomputed: S (and so x_hat) is not stored. The barrier keeps XLA from merging this convolution with the
     # forward pass's (common subexpressions), which would keep S alive from the forward pass after all.
-    s = conv.forward(window, False, *jax.lax.optimization_barrier((x, w)), None, block)[0]
+    s = conv.forward(window, False, *jax.lax.optimization_barrier((x, w)), None, block, rule)[0]
     delta = delta * passed(y)  # the ReLU mask from the output
     _, pullback = jax.vjp(lambda s, g, b: norm.batch_norm(s, g, b, eps=eps, axis_name=axis_name), s, gamma, beta)
     ds, dgamma, dbeta = pullback((delta, dmean, dvar))  # batch norm's hand rule (the compact form)

@@ -1,4 +1,5 @@
-r"""2-D convolution (cross-correlation, as in every CNN library) with two hand-derived backward rules.
+r"""2-D convolution (cross-correlation, as in every CNN library) with three hand-derived backward rules: im2col
+(Lin), flip (Ray, DD2424) and, for 3x3 kernels with stride 1, Winograd's F(2x2, 3x3) (``jaxcnn.ops.winograd``).
 
 Forward, Lin eq. (3), in NHWC/HWIO::
 
@@ -56,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.ops import _args, _tangent
+from jaxcnn.ops import _args, _tangent, winograd
 from jaxcnn.ops._windows import Window, pad, patches, unpatches
 
 
@@ -84,10 +85,12 @@ def conv2d(
       dilation: int or (dh, dw), >= 1: kernel taps are ``dilation`` apart.
       grad: "hand" (custom VJP following the notes), "autodiff" (JAX differentiates the same forward) or
         "tangent" (the hand tangent rule as a custom JVP, for forward mode: jax.jvp; docs/formulas.md).
-      rule: hand rule: "im2col" (Lin eq. 12, 14, 18) or "flip" (Ray / DD2424, generalised to stride and
-        dilation). Default (None): the faster on this backend, as measured in BENCHMARKS.md: "im2col" on CPU
-        (or wherever ``store_phi=True``), "flip" on GPUs and TPUs. With ``grad="autodiff"`` it only selects
-        ``store_phi``'s default.
+      rule: hand rule: "im2col" (Lin eq. 12, 14, 18), "flip" (Ray / DD2424, generalised to stride and
+        dilation) or "winograd" (F(2x2, 3x3), Lavin and Gray: 3x3 kernels, stride 1, no dilation; its forward
+        pass too, with 16 products per 2x2 output block where eq. 3 takes 36; ``jaxcnn.ops.winograd``).
+        Default (None): the faster on this backend, as measured in BENCHMARKS.md: "im2col" on CPU (or wherever
+        ``store_phi=True``), "flip" on GPUs and TPUs. With ``grad="autodiff"`` it selects only the
+        forward pass that autodiff differentiates ("winograd": Winograd's) and ``store_phi``'s default.
       store_phi: compute S as phi(pad(Z)) @ w2 and, with the im2col rule, keep phi(pad(Z)) for dW (Lin's
         space-for-time trade); False: XLA's convolution. Default (None): True on CPU with the im2col rule,
         else False. Applies to both gradient modes, which share the forward pass.
@@ -103,7 +106,7 @@ def conv2d(
     _args.choice("conv2d", "grad", grad, _args.GRAD_MODES)
     rule, store_phi, block = settle("conv2d", x, w, window, rule, store_phi, block)
     if grad == "autodiff":
-        return forward(window, store_phi, x, w, b, block)[0]
+        return forward(window, store_phi, x, w, b, block, rule)[0]
     if grad == "tangent":
         return _tangent.call(conv2d_jvp, (x, w, b), stride=stride, padding=padding, dilation=dilation, rule=rule,
                              store_phi=store_phi, block=block)
@@ -131,7 +134,7 @@ def resolve(op: str, rule: str | None, store_phi: bool | None, block=None) -> tu
     if store_phi is None:
         return rule, rule == "im2col" and jax.default_backend() == "cpu"
     if store_phi and rule != "im2col":
-        raise ValueError(f"{op}: store_phi applies to rule='im2col' (the flip rule does not use phi(pad(Z)))")
+        raise ValueError(f"{op}: store_phi applies to rule='im2col' (rule={rule!r} does not use phi(pad(Z)))")
     return rule, store_phi
 
 
@@ -139,6 +142,8 @@ def settle(op: str, x: jax.Array, w: jax.Array, window: Window, rule, store_phi,
     """An op's rule, store_phi and block: checked and resolved (``resolve``), the block sized for this batch
     (``block_size``), and the arrays they imply checked against ``MAX_ENTRIES`` (``check_size``)."""
     rule, store_phi = resolve(op, rule, store_phi, block)
+    if rule == "winograd":
+        winograd.check(op, window.size, window.stride, window.dilation)
     block = block_size(block, x, w, window)
     check_size(op, x, w, window, rule, store_phi, block)
     return rule, store_phi, block
@@ -198,14 +203,16 @@ MAX_ENTRIES = 2**31 - 1  # a stated bound on any array an op builds, checked bef
 
 def check_size(op: str, x: jax.Array, w: jax.Array, window: Window, rule: str, store_phi: bool,
                block: int | None = None) -> None:
-    """The padded input, the output and (im2col rule) phi(pad(Z)) (of one block, when blocked) must each have at
-    most ``MAX_ENTRIES`` entries: a typo such as padding=10**4 would otherwise allocate tens of GB (or overflow
-    32-bit indexing)."""
+    """The padded input, the output, (im2col rule) phi(pad(Z)) (of one block, when blocked) and (Winograd's rule)
+    the transformed tiles V must each have at most ``MAX_ENTRIES`` entries: a typo such as padding=10**4 would
+    otherwise allocate tens of GB (or overflow 32-bit indexing)."""
     n, c_in, c_out = x.shape[0], x.shape[3], w.shape[3]
     (ho, wo), (hp, wp) = window.out_hw(x.shape[1:3]), window.padded_hw(x.shape[1:3])
     arrays = {"padded input": (n, hp, wp, c_in), "output": (n, ho, wo, c_out)}
     if rule == "im2col" or store_phi:
         arrays["phi(pad(Z))"] = (block or n, ho, wo, w.shape[0] * w.shape[1] * c_in)
+    if rule == "winograd":
+        arrays["transformed input V"] = (16, n * -(-ho // 2) * -(-wo // 2), c_in)
     for what, shape in arrays.items():
         if math.prod(shape) > MAX_ENTRIES:
             raise ValueError(f"{op}: the {what} would have shape {shape}, {math.prod(shape):,} entries, more than "
@@ -227,11 +234,14 @@ def phi(window: Window, x: jax.Array) -> jax.Array:
 
 
 def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.Array | None,
-            block: int | None = None):
+            block: int | None = None, rule: str | None = None):
     """The one forward pass of conv2d, shared by both gradient modes: (S, phi(pad(Z))) with S = W phi(pad(Z)) +
     b 1^T computed literally when ``store_phi`` (phi(pad(Z)) is then kept for eq. 12), else (S, None) with S by
-    XLA's convolution, or literally ``block`` examples at a time."""
-    if block is not None:
+    XLA's convolution, literally ``block`` examples at a time, or by Winograd's F(2x2, 3x3) (``rule="winograd"``)."""
+    if rule == "winograd":
+        p = None
+        s = winograd.forward(window, x, w)
+    elif block is not None:
         p = None
         s = by_blocks(block, lambda x: jnp.matmul(phi(window, x), w.reshape(-1, w.shape[3])), x)
     elif store_phi:
@@ -268,7 +278,8 @@ def conv2d_jvp(primals: tuple, tangents: tuple, *, stride=1, padding=0, dilation
 
     ``rule="im2col"`` computes both products on phi(pad(.)) (reusing phi(pad(Z)) when the forward stored it);
     ``rule="flip"`` as the correlations W (*) dZ and dW (*) Z, the forward's own convolution (Ray's form);
-    with ``block``, both products block by block. Settings as ``conv2d``.
+    ``rule="winograd"`` as A^T [V(dZ) U + V U(dW)] A (``jaxcnn.ops.winograd``); with ``block``, both products
+    block by block. Settings as ``conv2d``.
     """
     (x, w, b), (dx, dw, db) = _args.jvp_pairs("conv2d_jvp", primals, tangents, ("x", "w", "b"))
     x, w, b, window = check("conv2d_jvp", x, w, b, stride, padding, dilation)
@@ -285,9 +296,11 @@ def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db, blo
         s, ds = by_blocks(block, of_block, *((x,) if dx is None else (x, dx)))
         s = s if b is None else s + b
         return s, ds if db is None else ds + db
-    s, p = forward(window, store_phi, x, w, b)
+    s, p = forward(window, store_phi, x, w, b, rule=rule)
     terms = []
-    if rule == "im2col":
+    if rule == "winograd":
+        terms += [] if dx is None and dw is None else [winograd.tangent(window, x, w, dx, dw)]
+    elif rule == "im2col":
         if dx is not None:
             terms.append(jnp.matmul(phi(window, dx), w.reshape(-1, w.shape[3])))  # W phi(pad(dZ))
         if dw is not None:
@@ -306,6 +319,8 @@ def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.A
     """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
     if block is not None:
         return _blocked_backward(window, x, w, delta, block)
+    if rule == "winograd":
+        return winograd.backward(window, x, w, delta)
     if rule == "im2col":
         return _im2col_backward(window, x, w, delta, stored_phi)
     return (*_flip_backward(window, x, w, delta), delta.sum(axis=(0, 1, 2)))  # db: eq. (14), Delta 1
@@ -375,11 +390,11 @@ def _flip_backward(window: Window, x, w, delta):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _conv_hand(rule, window, store_phi, block, x, w, b):
-    return forward(window, store_phi, x, w, b, block)[0]
+    return forward(window, store_phi, x, w, b, block, rule)[0]
 
 
 def _conv_hand_fwd(rule, window, store_phi, block, x, w, b):
-    s, p = forward(window, store_phi, x, w, b, block)
+    s, p = forward(window, store_phi, x, w, b, block, rule)
     return s, (x, w, b, p)
 
 

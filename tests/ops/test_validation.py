@@ -41,7 +41,7 @@ CONV_CASES = {
     "negative padding": (ValueError, r"conv2d: padding must be >= 0", dict(padding=((1, -1), (0, 0)))),
     "grad": (ValueError, r"conv2d: grad must be one of 'hand', 'autodiff' or 'tangent', got 'manual'",
              dict(grad="manual")),
-    "rule": (ValueError, r"conv2d: rule must be 'im2col' or 'flip', got 'fft'", dict(rule="fft")),
+    "rule": (ValueError, r"conv2d: rule must be one of 'im2col', 'flip' or 'winograd', got 'fft'", dict(rule="fft")),
     "store_phi type": (TypeError, r"conv2d: store_phi must be True, False or None, got 'yes'", dict(store_phi="yes")),
     "store_phi with flip": (ValueError, r"conv2d: store_phi applies to rule='im2col'",
                             dict(store_phi=True, rule="flip")),

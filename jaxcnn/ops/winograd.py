@@ -1,0 +1,160 @@
+r"""Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
+2016): a third hand rule for 3x3 convolutions with stride 1 and no dilation, ``rule="winograd"``.
+
+Lin eq. (3) computes each 2x2 block of S from a 4x4 tile d of pad(Z) with 4 * 9 products per channel pair. Winograd
+computes it with 16, through three fixed linear maps (per channel, on each tile; ``(.)`` elementwise)::
+
+    S_tile = A^T [ (G g G^T) (.) (B^T d B) ] A            g: the 3x3 kernel of one (C_in, C_out) pair
+
+and the sum over C_in, taken in the transformed domain, turns the 16 products per tile into 16 matrix products,
+one per transformed position xi (the tiles are rows, as phi(pad(Z))'s output positions are)::
+
+    V_xi = (B^T d B)_xi   [T, C_in]     U_xi = (G g G^T)_xi   [C_in, C_out]     M_xi = V_xi U_xi   [T, C_out]
+    S    = A^T M A, each tile's 2x2 block put in place (the last row or column cropped when Ho or Wo is odd)
+
+Tiles overlap by two rows and columns (stride 2): V is 4x Z's size, where phi(pad(Z)) is 9x, and the products
+take 16 / 36 of eq. (3)'s multiplications. Every map is linear, so the backward pass is their transposes, read
+off the forward pass as eq. (12) is from eq. (3); with Delta = dxi/dS padded to whole 2x2 blocks::
+
+    dM_xi = (A dY A^T)_xi              dY: Delta's 2x2 block of each tile
+    dU_xi = V_xi^T dM_xi               (eq. 12's counterpart, summed over the tiles)
+    dW    = G^T dU G                   per (C_in, C_out) pair
+    db    = Delta 1                    eq. (14)
+
+The input gradient could follow the same way (dV_xi = dM_xi U_xi^T, then B dV B^T added back at each tile: a
+col2im of overlapping 4x4 tiles), but that overlap-add cost more than the products it follows (on simplenn-cifar
+the step was 1.5x slower than im2col's; BENCHMARKS.md). At stride 1 it is itself a 3x3 correlation, Ray's
+dI = pad(dJ) * flip(K) (the flip rule, ``conv.py``)::
+
+    dZ = P_pad^T [pad_2(Delta) (*) rot180(K)] = pad_{2-p}(Delta) (*) rot180(K)     C_in and C_out swapped
+
+(P_pad^T drops the p rows of padding on each side; a negative pad_{2-p} drops rows of Delta), so it is computed
+by this module's forward pass too: B^T d B of Delta's tiles, 16 products, A^T M A, no overlap. The tangent rule
+is the bilinear differential dS = A^T [V(dZ) U + V U(dW)] A + db 1^T. V is recomputed in the backward pass, as
+phi(pad(Z)) is with ``store_phi=False`` (keeping it measured no faster). Rounding differs from the direct sum:
+in float32 S agrees with eq. (3) to a few units in the last place of its largest entries (the transforms'
+weights are 1 and 1/2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn.ops._args import compute_dtype
+from jaxcnn.ops._windows import Window, pad
+
+B_T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+A_T = ((1, 1, 1, 0), (0, 1, -1, -1))
+TILE, OUT = 4, 2  # a tile of pad(Z) and the block of S it gives
+
+
+def applies(size, stride, dilation) -> bool:
+    """Whether F(2x2, 3x3) computes a convolution (pairs): a 3x3 kernel, stride 1, no dilation (any zero padding)."""
+    return tuple(size) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+
+
+def check(op: str, size, stride, dilation) -> None:
+    """``rule="winograd"`` asked for a convolution (pairs) it does not compute: a ValueError naming ``op``."""
+    if not applies(size, stride, dilation):
+        raise ValueError(f"{op}: rule='winograd' (F(2x2, 3x3)) computes 3x3 kernels with stride 1 and no dilation, "
+                         f"got kernel {tuple(size)}, stride {tuple(stride)}, dilation {tuple(dilation)}; use "
+                         f"rule='im2col' or 'flip' for this convolution")
+
+
+def _combine(matrix, arrays):
+    """``matrix @ arrays`` for a small constant matrix and a list of arrays, skipping zero weights."""
+    rows = []
+    for row in matrix:
+        terms = [a if c == 1 else -a if c == -1 else c * a for c, a in zip(row, arrays) if c != 0]
+        rows.append(sum(terms[1:], terms[0]))
+    return rows
+
+
+def _transform(matrix, grid, transpose=False):
+    """``matrix grid matrix^T`` (``matrix^T grid matrix`` when ``transpose``) for a grid of arrays (a list of
+    rows): the two-sided transforms B^T d B, G g G^T, A^T M A and their adjoints."""
+    m = [list(col) for col in zip(*matrix)] if transpose else matrix
+    rows = [_combine(m, row) for row in grid]  # along the grid's second index: rows[i][b]
+    cols = [_combine(m, [row[b] for row in rows]) for b in range(len(m))]  # then its first: cols[b][a]
+    return [list(row) for row in zip(*cols)]
+
+
+def _tiles(window: Window, in_hw) -> tuple[Window, tuple[int, int], tuple[int, int]]:
+    """The 4x4, stride-2 window of tiles over pad(Z) (its bottom and right padding extended by a row or column of
+    zeros where Ho or Wo is odd), S's size (Ho, Wo) and the number of tiles along each axis."""
+    out_hw = window.out_hw(in_hw)
+    tiles = tuple(-(-o // OUT) for o in out_hw)
+    padding = tuple((lo, OUT * t + TILE - OUT - n - lo) for (lo, _), n, t in zip(window.padding, in_hw, tiles))
+    return Window((TILE, TILE), (OUT, OUT), (1, 1), padding), out_hw, tiles
+
+
+def transform_input(window: Window, x: jax.Array) -> jax.Array:
+    """V = B^T d B for every tile d of pad(Z): [16, T, C_in], T = N * tiles; one strided slice per tile entry."""
+    tiles_window, _, (th, tw) = _tiles(window, x.shape[1:3])
+    xp = pad(x, tiles_window)
+    d = [[xp[:, i:i + OUT * th:OUT, j:j + OUT * tw:OUT] for j in range(TILE)] for i in range(TILE)]
+    v = _transform(B_T, d)
+    return jnp.stack([v_ab for row in v for v_ab in row]).reshape(TILE * TILE, -1, x.shape[3])
+
+
+def transform_kernel(w: jax.Array) -> jax.Array:
+    """U = G g G^T for every (C_in, C_out) pair of the 3x3 kernel: [16, C_in, C_out]."""
+    u = _transform(G, [[w[i, j] for j in range(3)] for i in range(3)])
+    return jnp.stack([u_ab for row in u for u_ab in row])
+
+
+def transform_output(m: jax.Array, n: int, tiles, out_hw) -> jax.Array:
+    """S = A^T M A from M [16, T, C_out]: each tile's 2x2 block put in place, [N, Ho, Wo, C_out]."""
+    (th, tw), c = tiles, m.shape[-1]
+    m = m.reshape(TILE, TILE, n, th, tw, c)
+    y = _transform(A_T, [[m[a, b] for b in range(TILE)] for a in range(TILE)])  # y[p][q]: row p, column q of blocks
+    s = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [N, th, 2, tw, 2, C]
+    return s.reshape(n, OUT * th, OUT * tw, c)[:, :out_hw[0], :out_hw[1]]
+
+
+def _products(v, u):
+    """M = V U, one product per transformed position, kept in float32 for narrower dtypes until S is assembled
+    (the output transform adds up to nine of them)."""
+    return jnp.matmul(v, u, preferred_element_type=compute_dtype(v))
+
+
+def forward(window: Window, x: jax.Array, w: jax.Array) -> jax.Array:
+    """S without bias: S = A^T [(G g G^T) (.) (B^T d B)] A, summed over C_in."""
+    _, out_hw, tiles = _tiles(window, x.shape[1:3])
+    m = _products(transform_input(window, x), transform_kernel(w))
+    return transform_output(m, x.shape[0], tiles, out_hw).astype(x.dtype)
+
+
+def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array | None:
+    """dS = A^T [V(dZ) U + V U(dW)] A, without db; None when both tangents are None (zero)."""
+    _, out_hw, tiles = _tiles(window, x.shape[1:3])
+    terms = []
+    if dx is not None:
+        terms.append(_products(transform_input(window, dx), transform_kernel(w)))
+    if dw is not None:
+        terms.append(_products(transform_input(window, x), transform_kernel(dw)))
+    if not terms:
+        return None
+    return transform_output(sum(terms[1:], terms[0]), x.shape[0], tiles, out_hw).astype(x.dtype)
+
+
+def backward(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
+    """(dZ, dW, db) from Delta = dxi/dS by the transposes of the forward pass's maps (module docstring); dZ by
+    Winograd's forward pass over pad(Delta) with the flipped kernel."""
+    _, out_hw, (th, tw) = _tiles(window, x.shape[1:3])
+    n, c_out = x.shape[0], w.shape[3]
+    full = jnp.pad(delta, ((0, 0), (0, OUT * th - out_hw[0]), (0, OUT * tw - out_hw[1]), (0, 0)))
+    dy = [[full[:, p::OUT, q::OUT] for q in range(OUT)] for p in range(OUT)]
+    dm = _transform(A_T, dy, transpose=True)  # A dY A^T
+    dm = jnp.stack([dm_ab for row in dm for dm_ab in row]).reshape(TILE * TILE, -1, c_out)
+    v = transform_input(window, x)
+    du = jnp.matmul(jnp.swapaxes(v, 1, 2), dm, preferred_element_type=compute_dtype(delta))  # V^T dM
+    dw = _transform(G, [[du[TILE * a + b] for b in range(TILE)] for a in range(TILE)], transpose=True)  # G^T dU G
+    dw = jnp.stack([jnp.stack(row) for row in dw]).astype(w.dtype)  # [3, 3, C_in, C_out]
+    # P_pad^T [pad_2(Delta) (*) rot180(W)] = pad_{2-p}(Delta) (*) rot180(W), C_in and C_out swapped
+    flipped = Window((3, 3), (1, 1), (1, 1), tuple((2 - lo, 2 - hi) for lo, hi in window.padding))
+    dx = forward(flipped, delta, jnp.swapaxes(w[::-1, ::-1], 2, 3))
+    db = jnp.ones(n * out_hw[0] * out_hw[1], delta.dtype) @ delta.reshape(-1, c_out)  # eq. (14)
+    return dx.astype(x.dtype), dw, db
