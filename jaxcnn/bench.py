@@ -9,7 +9,8 @@ differentiated by autodiff (the baseline every JAX user starts from).
 
 Variants: ``hand im2col`` (with the backend's default ``store_phi``), the same with the other setting of Lin's
 space-for-time switch and with phi(pad(Z)) built in blocks (``block="auto"``), ``hand flip``, ``hand fused`` (Lin's
-conv-ReLU-pool block with the backend's default rule; and in blocks), ``autodiff`` (JAX through our forward), ``xla
+conv-ReLU-pool block with the backend's default rule; and in blocks), ``hand winograd`` (F(2x2, 3x3) for the 3x3,
+stride-1 layers; and fused), ``autodiff`` (JAX through our forward), ``xla
 autodiff`` (``lax.conv_general_dilated`` + ``lax.reduce_window``), ``flax`` (linen, if installed: ``pip install
 jaxcnn[bench]``), ``pytorch`` and ``pytorch channels_last`` (if torch is importable; on the GPU when JAX runs on
 one).
@@ -246,11 +247,18 @@ def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
         "hand flip": ours(net, "hand", "flip"),
         "hand fused": ours(fused, "hand", None) if fused != net else None,
         "hand fused, phi in blocks": ours(fused.with_convs(block="auto"), "hand", "im2col") if fused != net else None,
+        "hand winograd": ours(winograd(net), "hand", None) if winograd(net) != net else None,
+        "hand fused, winograd": ours(winograd(fused), "hand", None) if fused != net and winograd(net) != net else None,
         "autodiff": ours(net, "autodiff", "im2col"),
         "xla autodiff": lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(xla_apply(net, p, x),
                                                                                         y).mean(),
     }
     return {k: v for k, v in variants.items() if v is not None}
+
+
+def winograd(net: nw.Sequential) -> nw.Sequential:
+    """``net`` with ``rule="winograd"`` for its 3x3, stride-1 conv layers; the others keep the backend's default."""
+    return net.with_convs(lambda layer: layer.winograd_applies(), rule="winograd")
 
 
 class JaxStep:
@@ -585,6 +593,7 @@ def block_memory(batch: int = 128, shape=(14, 14, 32), features: int = 64) -> li
         "fused, im2col": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="im2col", store_phi=False),
         "fused, im2col, phi stored": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, store_phi=True),
         "fused, im2col, phi in blocks": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, block="auto"),
+        "fused, winograd": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="winograd"),
         "xla autodiff chain": xla_chain,
     }
     out = []

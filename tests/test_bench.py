@@ -131,7 +131,7 @@ def test_run_and_table(monkeypatch):
     result = bench.run("digits-cnn", (8, 8, 1), 8, steps=2)
     assert "JAXCNN_TEST_STAND_IN" not in os.environ  # the environment later subprocesses inherit is restored
     names = [m.name for m in result["measurements"]]
-    assert {"hand im2col", "hand flip", "hand fused", "autodiff", "xla autodiff", "pytorch",
+    assert {"hand im2col", "hand flip", "hand fused", "hand winograd", "autodiff", "xla autodiff", "pytorch",
             "pytorch channels_last", "pytorch channels_last, compiled"} <= set(names)
     chosen = [name.removeprefix("hand auto: ") for name in names if name.startswith("hand auto: ")]
     assert chosen and chosen[0] in [autotune.label(*c) for c in autotune.candidates(jc.preset("digits-cnn"))]
@@ -146,7 +146,7 @@ def test_run_and_table(monkeypatch):
 def test_block_memory_rows():
     rows = dict(bench.block_memory(batch=4, shape=(6, 6, 3), features=4))
     assert set(rows) == {"fused, flip", "fused, im2col", "fused, im2col, phi stored", "fused, im2col, phi in blocks",
-                         "xla autodiff chain"}
+                         "fused, winograd", "xla autodiff chain"}
     assert all(v > 0 for v in rows.values())
 
 
