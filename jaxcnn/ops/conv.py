@@ -203,16 +203,14 @@ MAX_ENTRIES = 2**31 - 1  # a stated bound on any array an op builds, checked bef
 
 def check_size(op: str, x: jax.Array, w: jax.Array, window: Window, rule: str, store_phi: bool,
                block: int | None = None) -> None:
-    """The padded input, the output, (im2col rule) phi(pad(Z)) (of one block, when blocked) and (Winograd's rule)
-    the transformed tiles V must each have at most ``MAX_ENTRIES`` entries: a typo such as padding=10**4 would
-    otherwise allocate tens of GB (or overflow 32-bit indexing)."""
+    """The padded input, the output and (im2col rule) phi(pad(Z)) (of one block, when blocked) must each have at
+    most ``MAX_ENTRIES`` entries: a typo such as padding=10**4 would otherwise allocate tens of GB (or overflow
+    32-bit indexing). Winograd's arrays are each smaller than the padded input."""
     n, c_in, c_out = x.shape[0], x.shape[3], w.shape[3]
     (ho, wo), (hp, wp) = window.out_hw(x.shape[1:3]), window.padded_hw(x.shape[1:3])
     arrays = {"padded input": (n, hp, wp, c_in), "output": (n, ho, wo, c_out)}
     if rule == "im2col" or store_phi:
         arrays["phi(pad(Z))"] = (block or n, ho, wo, w.shape[0] * w.shape[1] * c_in)
-    if rule == "winograd":
-        arrays["transformed input V"] = (16, n * -(-ho // 2) * -(-wo // 2), c_in)
     for what, shape in arrays.items():
         if math.prod(shape) > MAX_ENTRIES:
             raise ValueError(f"{op}: the {what} would have shape {shape}, {math.prod(shape):,} entries, more than "

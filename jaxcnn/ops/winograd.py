@@ -90,46 +90,49 @@ def _tiles(window: Window, in_hw) -> tuple[Window, tuple[int, int], tuple[int, i
     return Window((TILE, TILE), (OUT, OUT), (1, 1), padding), out_hw, tiles
 
 
-def transform_input(window: Window, x: jax.Array) -> jax.Array:
-    """V = B^T d B for every tile d of pad(Z): [16, T, C_in], T = N * tiles; one strided slice per tile entry."""
+def transform_input(window: Window, x: jax.Array):
+    """V = B^T d B for every tile d of pad(Z): a 4x4 grid (lists) of [N, th, tw, C_in], one per transformed
+    position; the tile entries are strided slices of pad(Z)."""
     tiles_window, _, (th, tw) = _tiles(window, x.shape[1:3])
     xp = pad(x, tiles_window)
     d = [[xp[:, i:i + OUT * th:OUT, j:j + OUT * tw:OUT] for j in range(TILE)] for i in range(TILE)]
-    v = _transform(B_T, d)
-    return jnp.stack([v_ab for row in v for v_ab in row]).reshape(TILE * TILE, -1, x.shape[3])
+    return _transform(B_T, d)
 
 
-def transform_kernel(w: jax.Array) -> jax.Array:
-    """U = G g G^T for every (C_in, C_out) pair of the 3x3 kernel: [16, C_in, C_out]."""
-    u = _transform(G, [[w[i, j] for j in range(3)] for i in range(3)])
-    return jnp.stack([u_ab for row in u for u_ab in row])
+def transform_kernel(w: jax.Array):
+    """U = G g G^T for every (C_in, C_out) pair of the 3x3 kernel: a 4x4 grid of [C_in, C_out]."""
+    return _transform(G, [[w[i, j] for j in range(3)] for i in range(3)])
 
 
-def transform_output(m: jax.Array, n: int, tiles, out_hw) -> jax.Array:
-    """S = A^T M A from M [16, T, C_out]: each tile's 2x2 block put in place, [N, Ho, Wo, C_out]."""
-    (th, tw), c = tiles, m.shape[-1]
-    m = m.reshape(TILE, TILE, n, th, tw, c)
-    y = _transform(A_T, [[m[a, b] for b in range(TILE)] for a in range(TILE)])  # y[p][q]: row p, column q of blocks
+def transform_output(m, out_hw) -> jax.Array:
+    """S = A^T M A from the grid M of [N, th, tw, C_out]: each tile's 2x2 block put in place, [N, Ho, Wo, C_out]."""
+    y = _transform(A_T, m)  # y[p][q]: row p, column q of every block
+    n, th, tw, c = y[0][0].shape
     s = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [N, th, 2, tw, 2, C]
     return s.reshape(n, OUT * th, OUT * tw, c)[:, :out_hw[0], :out_hw[1]]
 
 
 def _products(v, u):
-    """M = V U, one product per transformed position, kept in float32 for narrower dtypes until S is assembled
-    (the output transform adds up to nine of them)."""
-    return jnp.matmul(v, u, preferred_element_type=compute_dtype(v))
+    """M = V U at each transformed position: 16 products [N, th, tw, C_in] x [C_in, C_out], kept in float32 for
+    narrower dtypes until S is assembled (the output transform adds up to nine of them). Sixteen separate products,
+    not one batched over a stacked [16, T, C_in]: stacking V cost as much as computing it (BENCHMARKS.md)."""
+    return [[jnp.matmul(v_ab, u_ab, preferred_element_type=compute_dtype(v_ab)) for v_ab, u_ab in zip(v_a, u_a)]
+            for v_a, u_a in zip(v, u)]
+
+
+def _add(grids):
+    """The entrywise sum of grids of arrays."""
+    return [[sum(entries[1:], entries[0]) for entries in zip(*rows)] for rows in zip(*grids)]
 
 
 def forward(window: Window, x: jax.Array, w: jax.Array) -> jax.Array:
     """S without bias: S = A^T [(G g G^T) (.) (B^T d B)] A, summed over C_in."""
-    _, out_hw, tiles = _tiles(window, x.shape[1:3])
     m = _products(transform_input(window, x), transform_kernel(w))
-    return transform_output(m, x.shape[0], tiles, out_hw).astype(x.dtype)
+    return transform_output(m, window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
 def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array | None:
     """dS = A^T [V(dZ) U + V U(dW)] A, without db; None when both tangents are None (zero)."""
-    _, out_hw, tiles = _tiles(window, x.shape[1:3])
     terms = []
     if dx is not None:
         terms.append(_products(transform_input(window, dx), transform_kernel(w)))
@@ -137,21 +140,20 @@ def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array | N
         terms.append(_products(transform_input(window, x), transform_kernel(dw)))
     if not terms:
         return None
-    return transform_output(sum(terms[1:], terms[0]), x.shape[0], tiles, out_hw).astype(x.dtype)
+    return transform_output(_add(terms), window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
 def backward(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
     """(dZ, dW, db) from Delta = dxi/dS by the transposes of the forward pass's maps (module docstring); dZ by
     Winograd's forward pass over pad(Delta) with the flipped kernel."""
     _, out_hw, (th, tw) = _tiles(window, x.shape[1:3])
-    n, c_out = x.shape[0], w.shape[3]
+    n, c_in, c_out = x.shape[0], x.shape[3], w.shape[3]
     full = jnp.pad(delta, ((0, 0), (0, OUT * th - out_hw[0]), (0, OUT * tw - out_hw[1]), (0, 0)))
-    dy = [[full[:, p::OUT, q::OUT] for q in range(OUT)] for p in range(OUT)]
-    dm = _transform(A_T, dy, transpose=True)  # A dY A^T
-    dm = jnp.stack([dm_ab for row in dm for dm_ab in row]).reshape(TILE * TILE, -1, c_out)
+    dm = _transform(A_T, [[full[:, p::OUT, q::OUT] for q in range(OUT)] for p in range(OUT)], transpose=True)
     v = transform_input(window, x)
-    du = jnp.matmul(jnp.swapaxes(v, 1, 2), dm, preferred_element_type=compute_dtype(delta))  # V^T dM
-    dw = _transform(G, [[du[TILE * a + b] for b in range(TILE)] for a in range(TILE)], transpose=True)  # G^T dU G
+    du = [[jnp.matmul(v_ab.reshape(-1, c_in).T, dm_ab.reshape(-1, c_out), preferred_element_type=compute_dtype(delta))
+           for v_ab, dm_ab in zip(v_a, dm_a)] for v_a, dm_a in zip(v, dm)]  # V^T dM, summed over the tiles
+    dw = _transform(G, du, transpose=True)  # G^T dU G
     dw = jnp.stack([jnp.stack(row) for row in dw]).astype(w.dtype)  # [3, 3, C_in, C_out]
     # P_pad^T [pad_2(Delta) (*) rot180(W)] = pad_{2-p}(Delta) (*) rot180(W), C_in and C_out swapped
     flipped = Window((3, 3), (1, 1), (1, 1), tuple((2 - lo, 2 - hi) for lo, hi in window.padding))
