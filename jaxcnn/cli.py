@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--config", metavar="FILE.toml", help="a network described in TOML, instead of --preset")
     g.add_argument("--dtype", choices=["float64", "float32", "bfloat16"], default="float64",
                    help="precision of the hand and autodiff gradients (finite differences are float64)")
-    g.add_argument("--rule", choices=["im2col", "flip", "both"], default="both", help="hand conv rules to check")
+    g.add_argument("--rule", choices=["im2col", "flip", "winograd", "both", "all"], default="both",
+                   help="hand conv rules to check: both = im2col and flip; all adds winograd (given to the 3x3, "
+                        "stride-1 conv layers, the others keeping the backend's default)")
     g.add_argument("--batch", type=int, default=4, help="examples in the random batch")
     g.add_argument("--input-shape", type=shape_arg, metavar="HxWxC",
                    help="image shape, e.g. 28x28x1 (default: that of the dataset the network's config names, "
@@ -359,7 +361,7 @@ def cmd_gradcheck(args) -> int:
     x = (jax.random.normal(key_x, (args.batch, *shape), jnp.float64) if args.input == "random"
          else jnp.zeros((args.batch, *shape), jnp.float64))
     labels = jax.random.randint(key_y, (args.batch,), 0, net.shapes(shape)[-1][0])
-    rules = ("im2col", "flip") if args.rule == "both" else (args.rule,)
+    rules = {"both": ("im2col", "flip"), "all": ("im2col", "flip", "winograd")}.get(args.rule, (args.rule,))
     if dtypes:
         return _gradcheck_precision(args, net, params, x, labels, dtypes, rules, shape, origin)
     print(f"gradcheck {net.name}: input {args.batch} x {'x'.join(map(str, shape))} ({origin}), values: {args.input} "
@@ -391,6 +393,8 @@ def _gradcheck_precision(args, net, params, x, labels, dtypes, rules, shape, ori
     from jaxcnn._io import atomic_write
 
     modes = [m for m in precision.DEFAULT_MODES if precision.MODES[m][1] in rules]
+    if not modes:
+        raise ValueError("--precision compares the im2col and flip rules; pass --rule im2col, flip, both or all")
     print(f"gradcheck --precision {net.name}: input {args.batch} x {'x'.join(map(str, shape))} ({origin}), values: "
           f"{args.input}, loss {args.loss}, seed {args.seed}; each mode in {', '.join(dtypes)} against the float64 "
           "gradient of the same rounded inputs\n", flush=True)

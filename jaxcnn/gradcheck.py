@@ -2,7 +2,8 @@
 
 For a network and loss (``check_network``) or a single op (``check_op``) this computes gradients
 
-- by each hand rule (``grad="hand"``, ``rule="im2col"`` and ``"flip"``),
+- by each hand rule (``grad="hand"``, ``rule="im2col"`` and ``"flip"``; ``"winograd"`` when asked for, given to
+  the 3x3, stride-1 conv layers, the others keeping the backend's default),
 - by autodiff of the same forward (``grad="autodiff"``),
 - by autodiff of the same forward with max pooling written as ``lax.reduce_window``, whose gradient picks the
   first maximum of a tied window, the notes' convention (the *convention-matched* reference),
@@ -39,14 +40,15 @@ from jax import lax
 from jaxcnn import network as nw
 from jaxcnn import ops
 from jaxcnn.objective import LOSSES
-from jaxcnn.ops import block, conv, pool
+from jaxcnn.ops import _args, block, conv, pool, winograd
 from jaxcnn.ops._windows import Window
 
 # max|a - b| / max|b| above which hand and autodiff are said to differ, and the finite-difference error above
 # which they differ from the float64 derivative (the hand gradient is computed in ``dtype``).
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 0.25}  # bfloat16 noise reaches ~0.12 on the presets
 FD_TOLERANCE = {"float64": 1e-7, "float32": 1e-4, "bfloat16": 0.1}
-MODES = {"hand im2col": {"grad": "hand", "rule": "im2col"}, "hand flip": {"grad": "hand", "rule": "flip"}}
+MODES = {"hand im2col": {"grad": "hand", "rule": "im2col"}, "hand flip": {"grad": "hand", "rule": "flip"},
+         "hand winograd": {"grad": "hand", "rule": "winograd"}}
 
 
 @dataclass
@@ -178,6 +180,8 @@ def check_op(op: Callable, args: tuple, names: tuple[str, ...], *, dtype=jnp.flo
         out = jax.eval_shape(lambda *a: op(*a, **kwargs), *args)
         r = jax.random.normal(jax.random.key(seed + 1), out.shape, dtype)
         takes_rule = op in (ops.conv2d, ops.conv_relu_pool)
+        winograd_applies = takes_rule and winograd.applies(
+            args[1].shape[:2], *(_args.positive_pair("check_op", k, kwargs.get(k, 1)) for k in ("stride", "dilation")))
 
         def f(inputs, mode):
             a = inputs["args"]
@@ -200,7 +204,8 @@ def check_op(op: Callable, args: tuple, names: tuple[str, ...], *, dtype=jnp.flo
         elif op is ops.conv_relu_pool:
             kinks[op.__name__] = _block_kinks(*args, **kwargs)
         kinks = jax.tree_util.tree_map(int, kinks)
-        modes = MODES if takes_rule else {"hand": {"grad": "hand"}}
+        modes = {k: v for k, v in MODES.items() if v["rule"] != "winograd" or winograd_applies} if takes_rule \
+            else {"hand": {"grad": "hand"}}
         rows = _compare(f, {"args": args}, {"args": list(names)}, modes, kinks, dtype, fd_directions, seed)
         return Report(rows, kinks, str(dtype), TOLERANCE[str(dtype)], FD_TOLERANCE[str(dtype)],
                       {"op": getattr(op, "__name__", repr(op))})
@@ -231,7 +236,9 @@ def _layer_rows(net: nw.Sequential, params: dict, x, labels, loss: str, modes: d
               if hasattr(layer, "grad")]  # Flatten has no gradient mode: its hand and autodiff are one reshape
 
     def hand_modes(layer):
-        return list(modes) if isinstance(layer, nw.Conv) else ["hand"]
+        if not isinstance(layer, nw.Conv):
+            return ["hand"]
+        return [m for m in modes if modes[m]["rule"] != "winograd" or layer.winograd_applies()]
 
     @jax.jit
     def pullbacks(params, x):
@@ -383,6 +390,10 @@ def _apply_layer(layer: nw.Layer, p: dict, x: jax.Array, mode: str) -> jax.Array
         return _first_max_pool(x, layer.geometry(x.shape[1:]))
     kw = {"grad": "autodiff", "rule": "im2col"} if _grad_mode(mode) == "autodiff" else MODES.get(
         mode, {"grad": "hand", "rule": None})
+    if kw["rule"] == "winograd":  # to the layers it computes (residual bodies included); the others: the default
+        layer = nw.Sequential([layer]).with_convs(lambda c: c.rule is None and c.winograd_applies(),
+                                                  rule="winograd").layers[0]
+        kw = {**kw, "rule": None}
     return layer.apply(p, x, **kw)
 
 
