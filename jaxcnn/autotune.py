@@ -74,22 +74,13 @@ def candidates(net: nw.Sequential) -> list[tuple[str, bool, str | None, bool]]:
     """(rule, store_phi, block, fused) to time: each rule (Winograd's where an open layer is 3x3 with stride 1), on
     the network as given and, where it has Conv -> ReLU -> MaxPool runs, on its fused form (``Sequential.fuse``: the
     same function and params)."""
-    rules = RULES + ((WINOGRAD,) if any(_winograd(layer) for layer in _convs(net)) else ())
+    rules = RULES + ((WINOGRAD,) if net.with_convs(_winograd, rule="winograd") != net else ())
     return [(*rule, fused) for fused in ((False, True) if net.fuse() != net else (False,)) for rule in rules]
 
 
-def _convs(net: nw.Sequential):
-    """The conv layers of ``net``, those in residual bodies included."""
-    for layer in net.layers:
-        if isinstance(layer, nw.Residual):
-            yield from _convs(layer.body)
-        elif isinstance(layer, nw.Conv):
-            yield layer
-
-
-def _winograd(layer: nw.Layer) -> bool:
+def _winograd(layer: nw.Conv) -> bool:
     """An open conv layer that Winograd's F(2x2, 3x3) computes."""
-    return isinstance(layer, nw.Conv) and _open(layer) and layer.winograd_applies()
+    return _open(layer) and layer.winograd_applies()
 
 
 def machine_key() -> str:

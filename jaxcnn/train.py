@@ -100,7 +100,7 @@ class TrainConfig:
                              "the whole network: name it on those layers (rule = \"winograd\" in the network's TOML), "
                              "or use rule='auto', which times it where it applies")
         if self.rule is not None:
-            _args.choice("train", "rule", self.rule, ("im2col", "flip", "auto"))
+            _args.choice("train", "rule", self.rule, (*_args.CONV_RULES, "auto"))
         obj.check(self.loss, self.C)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)

@@ -297,7 +297,8 @@ def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db, blo
     s, p = forward(window, store_phi, x, w, b, rule=rule)
     terms = []
     if rule == "winograd":
-        terms += [] if dx is None and dw is None else [winograd.tangent(window, x, w, dx, dw)]
+        if dx is not None or dw is not None:
+            terms.append(winograd.tangent(window, x, w, dx, dw))  # A^T [V(dZ) U + V U(dW)] A
     elif rule == "im2col":
         if dx is not None:
             terms.append(jnp.matmul(phi(window, dx), w.reshape(-1, w.shape[3])))  # W phi(pad(dZ))

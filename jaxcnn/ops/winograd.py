@@ -131,15 +131,13 @@ def forward(window: Window, x: jax.Array, w: jax.Array) -> jax.Array:
     return transform_output(m, window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
-def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array | None:
-    """dS = A^T [V(dZ) U + V U(dW)] A, without db; None when both tangents are None (zero)."""
+def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array:
+    """dS = A^T [V(dZ) U + V U(dW)] A, without db; a None tangent is zero (not both)."""
     terms = []
     if dx is not None:
         terms.append(_products(transform_input(window, dx), transform_kernel(w)))
     if dw is not None:
         terms.append(_products(transform_input(window, x), transform_kernel(dw)))
-    if not terms:
-        return None
     return transform_output(_add(terms), window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
