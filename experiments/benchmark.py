@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments._common import machine, parser, write
-from jaxcnn import bench
+from jaxcnn import bench, network
 from jaxcnn._io import atomic_write
 from jaxcnn.cli import input_shape
 
@@ -41,7 +41,7 @@ def markers() -> tuple[str, str]:
 
 def cases(quick: bool) -> list[tuple[str, int, str]]:
     if quick:
-        return [("digits-cnn", 32, "float32")]
+        return [("digits-cnn", 8, "float32")]
     runs = [("simplenn-mnist", 128, "float32"), ("simplenn-cifar", 128, "float32")]
     if jax.default_backend() != "cpu":
         runs += [(p, b, d) for p in ("simplenn-mnist", "simplenn-cifar", "vgg-small") for b in (128, 512)
@@ -63,8 +63,11 @@ def main(argv=None) -> None:
           f"; memory bandwidth {bandwidth:,.0f} GB/s", flush=True)
     sections = []
     for preset, batch, dtype in cases(args.quick):
+        # --quick checks this script's report: two variants (tests/test_bench.py times all of them)
+        variants = {name: loss for name, loss in bench.jax_variants(network.preset(preset)).items()
+                    if name in ("hand im2col", "xla autodiff")} if args.quick else None
         result = bench.run(preset, input_shape(preset), batch, steps=steps, dtype=jnp.dtype(dtype),
-                           torch=not args.quick, progress=lambda line: print(line, flush=True))
+                           torch=not args.quick, progress=lambda line: print(line, flush=True), variants=variants)
         sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP and about "
                         f"{result['bytes'] / 1e9:.2f} GB moved per step (counted by hand); median of {steps} steps "
                         f"per variant, timed round-robin.\n\n{bench.table(result, ceilings[dtype], bandwidth)}\n")

@@ -32,7 +32,7 @@ if jax.default_backend() != "cpu":
 # "ci" (default) is deterministic and small enough for a 2-core machine; "thorough" is for local hunting:
 #   HYPOTHESIS_PROFILE=thorough pytest tests/ops
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+    "ci", max_examples=8, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True,

@@ -118,29 +118,36 @@ def test_torch_mirror_is_our_network_with_our_gradients(net, shape):
     assert "torch" in step.note
 
 
-def test_run_and_table(monkeypatch):
-    """Every variant is timed, the baselines of other libraries included: stand-ins for PyTorch's steps here
-    (not installed in CI), whose rows must appear (they were once dropped without a word)."""
+def test_bench_command_times_every_variant(monkeypatch, capsys):
+    """`jaxcnn bench` times every variant, the baselines of other libraries included: stand-ins for PyTorch's steps
+    here (not installed in CI), whose rows must appear (they were once dropped without a word)."""
     def stand_in(net, input_shape, batch, channels_last, dtype, compiled):
         def step():  # as torch.compile does, it leaves a variable in the environment
             os.environ["JAXCNN_TEST_STAND_IN"] = "1"
         step.note = "stand-in"
         return step
 
+    results = []
+    run, candidates = bench.run, autotune.candidates
     monkeypatch.setattr(bench, "torch_step", stand_in)
-    result = bench.run("digits-cnn", (8, 8, 1), 8, steps=2)
+    # rule="auto"'s row with two candidates to time (tests/test_autotune.py times them all)
+    monkeypatch.setattr(autotune, "candidates", lambda net: candidates(net)[:2])
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: results.append(run(*args, **kwargs)) or results[-1])
+    assert cli.main(["bench", "--preset", "digits-cnn", "--batch-size", "8", "--steps", "2"]) == 0
     assert "JAXCNN_TEST_STAND_IN" not in os.environ  # the environment later subprocesses inherit is restored
+    [result] = results
     names = [m.name for m in result["measurements"]]
     assert {"hand im2col", "hand flip", "hand fused", "hand winograd", "autodiff", "xla autodiff", "pytorch",
             "pytorch channels_last", "pytorch channels_last, compiled"} <= set(names)
     chosen = [name.removeprefix("hand auto: ") for name in names if name.startswith("hand auto: ")]
-    assert chosen and chosen[0] in [autotune.label(*c) for c in autotune.candidates(jc.preset("digits-cnn"))]
+    assert chosen and chosen[0] in [autotune.label(*c) for c in candidates(jc.preset("digits-cnn"))[:2]]
     assert ("flax" in names) == (importlib.util.find_spec("flax") is not None)
     assert all(m.median_ms > 0 and m.min_ms <= m.median_ms <= m.max_ms for m in result["measurements"])
     assert all(m.compile_s > 0 and m.temp_mb is not None for m in result["measurements"]
                if not m.name.startswith(("flax", "pytorch")))
-    table = bench.table(result, ceiling=100.0, bandwidth=10.0)
-    assert "| xla autodiff |" in table and "| 1.00x |" in table and "x roofline" in table
+    out = capsys.readouterr().out
+    assert "GB moved per step (counted by hand)" in out and "roofline" in out and "x roofline" in out
+    assert "| hand im2col |" in out and "| xla autodiff |" in out and "| 1.00x |" in out and "| pytorch |" in out
 
 
 def test_block_memory_rows():
@@ -148,12 +155,6 @@ def test_block_memory_rows():
     assert set(rows) == {"fused, flip", "fused, im2col", "fused, im2col, phi stored", "fused, im2col, phi in blocks",
                          "fused, winograd", "xla autodiff chain"}
     assert all(v > 0 for v in rows.values())
-
-
-def test_bench_command(capsys):
-    assert cli.main(["bench", "--preset", "digits-cnn", "--batch-size", "8", "--steps", "1", "--no-torch"]) == 0
-    out = capsys.readouterr().out
-    assert "GB moved per step (counted by hand)" in out and "roofline" in out and "| hand im2col |" in out
 
 
 def test_pool_times_rows():

@@ -53,7 +53,7 @@ def check(case, dtype):
     assert_close(results["hand winograd"][0], expected, dtype, f"winograd forward vs lax {case}")
 
 
-@settings(max_examples=7)  # each example compiles three gradients: the suite's time on a 2-core machine
+@settings(max_examples=5)  # each example compiles three gradients: the suite's time on a 2-core machine
 @given(cases(), st.sampled_from([jnp.float64, jnp.float32]))
 def test_winograd_equals_autodiff_and_lax(case, dtype):
     check(case, dtype)
