@@ -24,6 +24,8 @@ from jax import lax
 
 from jaxcnn.ops._args import Padding, Pair
 
+NARROW = 4  # patches() builds phi(pad(Z)) in two steps below this many channels (on a CPU)
+
 
 class Window(NamedTuple):
     """Static geometry of a 2-D sliding window over the H, W axes of an NHWC array (hashable: a custom_vjp
@@ -73,13 +75,23 @@ def patches(xp: jax.Array, window: Window) -> jax.Array:
 
     Reshaped to [N, Ho, Wo, kh*kw*C] it is phi(pad(Z)), one row per output position, in the order of a
     flattened HWIO kernel: one strided slice per window offset, concatenated along the channels in one pass.
+    With fewer than ``NARROW`` channels on a CPU it is built in two: the kw column offsets first ([N, Hp, Wo,
+    kw*C]), then the kh row offsets of that (XLA's CPU concatenation of kh*kw slices a channel or three wide is
+    slow: simplenn-mnist's 25 one-channel taps took 5x as long in one pass; BENCHMARKS.md).
     """
-    n, _, _, c = xp.shape
+    n, hp, _, c = xp.shape
     ho, wo = window.fit(xp.shape[1:3])
     (sh, sw), (dh, dw) = window.stride, window.dilation
-    blocks = [lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                        (1, sh, sw, 1)) for i, j in window.offsets()]
-    return jnp.concatenate(blocks, axis=3).reshape(n, ho, wo, *window.size, c)
+    (kh, kw) = window.size
+    if c < NARROW and kh > 1 and kw > 1 and jax.default_backend() == "cpu":
+        rows = jnp.concatenate([lax.slice(xp, (0, 0, j * dw, 0), (n, hp, j * dw + (wo - 1) * sw + 1, c), (1, 1, sw, 1))
+                                for j in range(kw)], axis=3)
+        blocks = [lax.slice(rows, (0, i * dh, 0, 0), (n, i * dh + (ho - 1) * sh + 1, wo, kw * c), (1, sh, 1, 1))
+                  for i in range(kh)]
+    else:
+        blocks = [lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1,
+                                                         c), (1, sh, sw, 1)) for i, j in window.offsets()]
+    return jnp.concatenate(blocks, axis=3).reshape(n, ho, wo, kh, kw, c)
 
 
 def unpatches(cols: jax.Array, window: Window, in_hw: Pair) -> jax.Array:
