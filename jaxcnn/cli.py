@@ -392,9 +392,7 @@ def _gradcheck_precision(args, net, params, x, labels, dtypes, rules, shape, ori
     from jaxcnn import precision
     from jaxcnn._io import atomic_write
 
-    modes = [m for m in precision.DEFAULT_MODES if precision.MODES[m][1] in rules]
-    if not modes:
-        raise ValueError("--precision compares the im2col and flip rules; pass --rule im2col, flip, both or all")
+    modes = [m for m, (_, rule) in precision.MODES.items() if rule in rules and m != "autodiff first-max"]
     print(f"gradcheck --precision {net.name}: input {args.batch} x {'x'.join(map(str, shape))} ({origin}), values: "
           f"{args.input}, loss {args.loss}, seed {args.seed}; each mode in {', '.join(dtypes)} against the float64 "
           "gradient of the same rounded inputs\n", flush=True)

@@ -390,11 +390,16 @@ def _apply_layer(layer: nw.Layer, p: dict, x: jax.Array, mode: str) -> jax.Array
         return _first_max_pool(x, layer.geometry(x.shape[1:]))
     kw = {"grad": "autodiff", "rule": "im2col"} if _grad_mode(mode) == "autodiff" else MODES.get(
         mode, {"grad": "hand", "rule": None})
-    if kw["rule"] == "winograd":  # to the layers it computes (residual bodies included); the others: the default
-        layer = nw.Sequential([layer]).with_convs(lambda c: c.rule is None and c.winograd_applies(),
-                                                  rule="winograd").layers[0]
-        kw = {**kw, "rule": None}
+    if kw["rule"] == "winograd":
+        layer, kw = with_winograd(layer), {**kw, "rule": None}
     return layer.apply(p, x, **kw)
+
+
+def with_winograd(layer: nw.Layer) -> nw.Layer:
+    """``layer`` with ``rule="winograd"`` for the conv layers it holds (residual bodies included) that name no rule
+    and that F(2x2, 3x3) computes (3x3, stride 1); the others keep theirs, or the backend's default."""
+    return nw.Sequential([layer]).with_convs(lambda c: c.rule is None and c.winograd_applies(),
+                                             rule="winograd").layers[0]
 
 
 def _compare(f, inputs, names, modes, kinks, dtype, fd_directions, seed) -> list[Row]:

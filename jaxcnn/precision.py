@@ -53,6 +53,8 @@ from jaxcnn.ops import pool
 DTYPES = ("bfloat16", "float16", "float32")
 MODES = {"hand im2col": ("hand", "im2col"), "autodiff im2col": ("autodiff", "im2col"),
          "hand flip": ("hand", "flip"), "autodiff flip": ("autodiff", "flip"),
+         # Winograd's F(2x2, 3x3) for the 3x3, stride-1 conv layers, the others keeping the backend's default
+         "hand winograd": ("hand", "winograd"), "autodiff winograd": ("autodiff", "winograd"),
          "autodiff first-max": ("autodiff", "im2col")}  # autodiff, max pooling's gradient to the first maximum
 DEFAULT_MODES = ("hand im2col", "autodiff im2col", "hand flip", "autodiff flip")
 FLOOR = 1e-3  # entries below FLOOR * max|t| are left out of the entrywise relative error
@@ -283,6 +285,8 @@ def _apply(layer: nw.Layer, p: dict, h: jax.Array, mode: str) -> jax.Array:
     if mode == "autodiff first-max":
         return gradcheck._apply_layer(layer, p, h, "first-max")
     grad, rule = MODES[mode]
+    if rule == "winograd":
+        layer, rule = gradcheck.with_winograd(layer), None
     return layer.apply(p, h, grad=grad, rule=rule)
 
 

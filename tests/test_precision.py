@@ -36,10 +36,10 @@ def test_truth_is_float64_and_float64_errors_are_zero():
     labels = jnp.array([0, 1, 2, 0])
     with jax.enable_x64(False):  # a user without x64: the check turns it on for the truth
         report = precision.check_precision(net, params, x, labels, dtypes=("float64", "float32", "bfloat16"),
-                                           modes=("hand im2col", "autodiff im2col"))
+                                           modes=("hand im2col", "autodiff im2col", "hand winograd"))
     assert report.meta["truth_dtype"] == "float64" and report.meta["float64_spread"] < 1e-13
     by_dtype = {d: [r for r in report.gradients if r.dtype == d] for d in ("float64", "float32", "bfloat16")}
-    assert len(by_dtype["float64"]) == 2 * 4  # two modes, conv1/w, conv1/b, dense1/w, dense1/b
+    assert len(by_dtype["float64"]) == 3 * 4  # three modes, conv1/w, conv1/b, dense1/w, dense1/b
     for r in by_dtype["float64"]:
         assert (r.error.median, r.error.max, r.error.norm, r.error.one_minus_cosine, r.forward_norm) == (0, 0, 0, 0, 0)
     for r in [*report.layers, *report.forward]:
@@ -87,12 +87,12 @@ def test_cli_gradcheck_precision(capsys, tmp_path):
     config.write_text('name = "mine"\n[[layers]]\ntype = "conv"\nfeatures = 2\nkernel = 3\n[[layers]]\n'
                       'type = "flatten"\n[[layers]]\ntype = "dense"\nfeatures = 3\n')
     out = tmp_path / "precision.json"
-    args = ["gradcheck", "--config", str(config), "--batch", "2", "--input-shape", "5x5x1", "--rule", "flip"]
+    args = ["gradcheck", "--config", str(config), "--batch", "2", "--input-shape", "5x5x1", "--rule", "winograd"]
     assert cli.main([*args, "--precision", "bfloat16", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "each mode in bfloat16 against the float64 gradient" in text and "truth: float64" in text
     rows = json.loads(out.read_text())["gradients"]
-    assert {(r["dtype"], r["mode"]) for r in rows} == {("bfloat16", "hand flip"), ("bfloat16", "autodiff flip")}
+    assert {(r["dtype"], r["mode"]) for r in rows} == {("bfloat16", "hand winograd"), ("bfloat16", "autodiff winograd")}
     assert cli.main([*args, "--precision", "float8"]) == 2
     assert "--precision takes a comma-separated list" in capsys.readouterr().err
     assert cli.main([*args, "--precision", "--dtype", "float32"]) == 2
