@@ -33,7 +33,9 @@ by this module's forward pass too: B^T d B of Delta's tiles, 16 products, A^T M 
 is the bilinear differential dS = A^T [V(dZ) U + V U(dW)] A + db 1^T. V is recomputed in the backward pass, as
 phi(pad(Z)) is with ``store_phi=False`` (keeping it measured no faster). Rounding differs from the direct sum:
 in float32 S agrees with eq. (3) to a few units in the last place of its largest entries (the transforms'
-weights are 1 and 1/2).
+weights are 1 and 1/2). In bfloat16 and float16 the transforms and products run in float32 and S, dZ and dW are
+rounded once, as eq. (3)'s products accumulate: V and U rounded to bfloat16 left S 2.6-3.4x farther from the
+float64 truth than im2col's (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -113,11 +115,10 @@ def transform_output(m, out_hw) -> jax.Array:
 
 
 def _products(v, u):
-    """M = V U at each transformed position: 16 products [N, th, tw, C_in] x [C_in, C_out], kept in float32 for
-    narrower dtypes until S is assembled (the output transform adds up to nine of them). Sixteen separate products,
-    not one batched over a stacked [16, T, C_in]: stacking V cost as much as computing it (BENCHMARKS.md)."""
-    return [[jnp.matmul(v_ab, u_ab, preferred_element_type=compute_dtype(v_ab)) for v_ab, u_ab in zip(v_a, u_a)]
-            for v_a, u_a in zip(v, u)]
+    """M = V U at each transformed position: 16 products [N, th, tw, C_in] x [C_in, C_out]. Sixteen separate
+    products, not one batched over a stacked [16, T, C_in]: stacking V cost as much as computing it
+    (BENCHMARKS.md)."""
+    return [[jnp.matmul(v_ab, u_ab) for v_ab, u_ab in zip(v_a, u_a)] for v_a, u_a in zip(v, u)]
 
 
 def _add(grids):
@@ -125,19 +126,28 @@ def _add(grids):
     return [[sum(entries[1:], entries[0]) for entries in zip(*rows)] for rows in zip(*grids)]
 
 
+def _wide(*arrays):
+    """The arrays in the dtype the transforms and products run in (``compute_dtype``: float32 for bfloat16 and
+    float16; module docstring), None kept."""
+    c = compute_dtype(*(a for a in arrays if a is not None))
+    return [None if a is None else a.astype(c) for a in arrays]
+
+
 def forward(window: Window, x: jax.Array, w: jax.Array) -> jax.Array:
     """S without bias: S = A^T [(G g G^T) (.) (B^T d B)] A, summed over C_in."""
-    m = _products(transform_input(window, x), transform_kernel(w))
+    xc, wc = _wide(x, w)
+    m = _products(transform_input(window, xc), transform_kernel(wc))
     return transform_output(m, window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
 def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array:
     """dS = A^T [V(dZ) U + V U(dW)] A, without db; a None tangent is zero (not both)."""
+    xc, wc, dx, dw = _wide(x, w, dx, dw)
     terms = []
     if dx is not None:
-        terms.append(_products(transform_input(window, dx), transform_kernel(w)))
+        terms.append(_products(transform_input(window, dx), transform_kernel(wc)))
     if dw is not None:
-        terms.append(_products(transform_input(window, x), transform_kernel(dw)))
+        terms.append(_products(transform_input(window, xc), transform_kernel(dw)))
     return transform_output(_add(terms), window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
@@ -146,11 +156,12 @@ def backward(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
     Winograd's forward pass over pad(Delta) with the flipped kernel."""
     _, out_hw, (th, tw) = _tiles(window, x.shape[1:3])
     n, c_in, c_out = x.shape[0], x.shape[3], w.shape[3]
-    full = jnp.pad(delta, ((0, 0), (0, OUT * th - out_hw[0]), (0, OUT * tw - out_hw[1]), (0, 0)))
+    xc, deltac = _wide(x, delta)
+    full = jnp.pad(deltac, ((0, 0), (0, OUT * th - out_hw[0]), (0, OUT * tw - out_hw[1]), (0, 0)))
     dm = _transform(A_T, [[full[:, p::OUT, q::OUT] for q in range(OUT)] for p in range(OUT)], transpose=True)
-    v = transform_input(window, x)
-    du = [[jnp.matmul(v_ab.reshape(-1, c_in).T, dm_ab.reshape(-1, c_out), preferred_element_type=compute_dtype(delta))
-           for v_ab, dm_ab in zip(v_a, dm_a)] for v_a, dm_a in zip(v, dm)]  # V^T dM, summed over the tiles
+    v = transform_input(window, xc)
+    du = [[jnp.matmul(v_ab.reshape(-1, c_in).T, dm_ab.reshape(-1, c_out)) for v_ab, dm_ab in zip(v_a, dm_a)]
+          for v_a, dm_a in zip(v, dm)]  # V^T dM, summed over the tiles
     dw = _transform(G, du, transpose=True)  # G^T dU G
     dw = jnp.stack([jnp.stack(row) for row in dw]).astype(w.dtype)  # [3, 3, C_in, C_out]
     # P_pad^T [pad_2(Delta) (*) rot180(W)] = pad_{2-p}(Delta) (*) rot180(W), C_in and C_out swapped
