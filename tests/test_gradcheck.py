@@ -28,8 +28,8 @@ def preset_check(name, dtype="float64", **kwargs):
 @pytest.mark.parametrize("name", [name if name in ("digits-cnn", "simplenn-cifar") else
                                   pytest.param(name, marks=pytest.mark.slow) for name in SMALL])
 def test_every_preset_has_no_genuine_mismatch_in_float64(name):
-    # The network's gradients by each rule, against autodiff and finite differences; layer-by-layer rows (which
-    # pass whenever these do) are checked on digits-cnn by the tests below.
+    # The network's gradients by each rule, against autodiff and finite differences; layer-by-layer rows are
+    # checked on digits-cnn by the tests below.
     report = preset_check(name, layers=False)
     assert report.mismatches == [], report.table()
     params = [r for r in report.rows if "/" in r.name and r.mode != "autodiff"]

@@ -34,7 +34,7 @@ is the bilinear differential dS = A^T [V(dZ) U + V U(dW)] A + db 1^T. V is recom
 phi(pad(Z)) is with ``store_phi=False`` (keeping it measured no faster). Rounding differs from the direct sum:
 in float32 S agrees with eq. (3) to a few units in the last place of its largest entries (the transforms'
 weights are 1 and 1/2). In bfloat16 and float16 the transforms and products run in float32 and S, dZ and dW are
-rounded once, as eq. (3)'s products accumulate: V and U rounded to bfloat16 left S 2.6-3.4x farther from the
+rounded once, as eq. (3)'s products accumulate: V and U rounded to bfloat16 left them 3.0-3.6x farther from the
 float64 truth than im2col's (BENCHMARKS.md).
 """
 
