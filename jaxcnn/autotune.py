@@ -4,7 +4,8 @@ benchmark mode does, and kept in an on-disk cache.
 Which rule is fastest depends on the machine, not on the math: the im2col products (Lin eq. 12, 14, 18, with
 phi(pad(Z)) stored in the forward pass or built a block of examples at a time in both: ``block``) or Ray's flip rule
 (XLA's convolutions), and where the network has 3x3, stride-1 layers Winograd's F(2x2, 3x3) for those (the others
-taking the backend's default): fewer products, more memory (``jaxcnn.ops.winograd``). phi(pad(Z)) rebuilt for the
+taking the backend's default), for the whole batch or a block of examples at a time: fewer products
+(``jaxcnn.ops.winograd``). phi(pad(Z)) rebuilt for the
 whole batch in the backward pass is not a candidate: it was slower than storing it in every table of BENCHMARKS.md
 (CPU and GPU), and slower and heavier than blocks. On one 2-core CPU im2col wins by 2x, on another 2-core CPU with a
 6x faster matrix unit flip wins by 15%, and on GPUs flip wins (BENCHMARKS.md). So ``tune`` times one jitted gradient
@@ -13,7 +14,7 @@ shape, batch and dtype with each candidate given to every conv layer that names 
 as given and on its fused form (Lin's Conv-ReLU-pool block, eq. 24-28: the same function and params), and keeps the
 fastest, or, among the candidates within ``TIE`` of it (the noise of a timing) by both the minimum and the median of
 the timings, the one whose compiled gradient needs the least temporary memory (phi(pad(Z)) stored for the whole
-batch and Winograd's transformed tiles need 2-3x what blocks need).
+batch and Winograd's transformed tiles for the whole batch need 2-3x what blocks of either need).
 
 The whole network is timed, not each layer alone: a layer's rule changes what XLA fuses around it, and on the
 machine of BENCHMARKS.md the per-layer winners, timed one layer at a time, made the network slower than every
@@ -26,7 +27,7 @@ busy machine, can choose differently, so a run records the rules it used (its ne
 reuses them.
 
 It is the trainer's default (``TrainConfig.rule = "auto"``). A step under ``MIN_FLOPS`` that the cache does not
-hold is not timed (compiling six to eight candidates would cost more than such a run could gain): it takes the backend's
+hold is not timed (compiling six to ten candidates would cost more than such a run could gain): it takes the backend's
 default, written into the layers like a timed choice.
 """
 
@@ -49,8 +50,9 @@ from jaxcnn.ops import conv
 
 # (rule, store_phi, block): phi(pad(Z)) stored, built block by block; XLA's convolutions
 RULES = (("im2col", True, None), ("im2col", False, "auto"), ("flip", False, None))
-# F(2x2, 3x3) for the open 3x3, stride-1 layers; the others take the backend's default (``uniform``)
-WINOGRAD = ("winograd", False, None)
+# F(2x2, 3x3) for the open 3x3, stride-1 layers, for the whole batch at once or a block of examples at a time; the
+# other layers take the backend's default (``uniform``)
+WINOGRAD = (("winograd", False, None), ("winograd", False, "auto"))
 # Candidates this much slower than the fastest by the minimum and by the median of their timings count as tied with
 # it (timings vary by a few percent between rounds on a shared machine); the lightest of those is chosen. Both:
 # on resnet-small the minima of phi stored and in blocks were 0.2% apart, the medians 11% (30 rounds: 4% and 11%).
@@ -65,16 +67,17 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve"
 
 def label(rule: str, store_phi: bool | None, block=None, fused: bool = False) -> str:
     """A candidate's name in logs, the cache and ``summary.json``: ``im2col (phi stored)``, ``im2col``,
-    ``im2col (phi in blocks)``, ``flip``, each with ``fused, `` in front for the network with Lin's fused blocks."""
-    return f"{'fused, ' if fused else ''}{rule}{' (phi stored)' if store_phi else ''}" \
-           f"{' (phi in blocks)' if block is not None else ''}"
+    ``im2col (phi in blocks)``, ``flip``, ``winograd``, ``winograd (in blocks)``, each with ``fused, `` in front for
+    the network with Lin's fused blocks."""
+    blocks = "" if block is None else " (in blocks)" if rule == "winograd" else " (phi in blocks)"
+    return f"{'fused, ' if fused else ''}{rule}{' (phi stored)' if store_phi else ''}{blocks}"
 
 
 def candidates(net: nw.Sequential) -> list[tuple[str, bool, str | None, bool]]:
     """(rule, store_phi, block, fused) to time: each rule (Winograd's where an open layer is 3x3 with stride 1), on
     the network as given and, where it has Conv -> ReLU -> MaxPool runs, on its fused form (``Sequential.fuse``: the
     same function and params)."""
-    rules = RULES + ((WINOGRAD,) if net.with_convs(_winograd, rule="winograd") != net else ())
+    rules = RULES + (WINOGRAD if net.with_convs(_winograd, rule="winograd") != net else ())
     return [(*rule, fused) for fused in ((False, True) if net.fuse() != net else (False,)) for rule in rules]
 
 
@@ -144,12 +147,14 @@ def geometry_key(net: nw.Sequential, input_shape: tuple, batch: int, dtype) -> s
 def uniform(net: nw.Sequential, rule: str, store_phi: bool, block=None, fused: bool = False) -> nw.Sequential:
     """``net`` (fused first if ``fused``) with every conv layer that names no rule, those in residual blocks
     included, given ``rule``, ``store_phi`` and ``block`` (a residual block's 1x1 projection takes the backend's
-    default). ``rule="winograd"`` goes to the layers it computes (3x3, stride 1, no dilation), the backend's
-    default rule to the others."""
+    default). ``rule="winograd"`` goes to the layers it computes (3x3, stride 1, no dilation), the backend's default
+    rule to the others (with ``block``, im2col's phi(pad(Z)) in blocks too, where that default is im2col)."""
     net = net.fuse() if fused else net
     if rule == "winograd":
         net = net.with_convs(_winograd, rule=rule, store_phi=store_phi, block=block)
         rule, store_phi = conv.resolve("rule auto", None, None)
+        block = block if rule == "im2col" else None  # in blocks: the others too, where they build phi(pad(Z))
+        store_phi = store_phi and block is None
     return net.with_convs(_open, rule=rule, store_phi=store_phi, block=block)
 
 

@@ -594,6 +594,8 @@ def block_memory(batch: int = 128, shape=(14, 14, 32), features: int = 64) -> li
         "fused, im2col, phi stored": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, store_phi=True),
         "fused, im2col, phi in blocks": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, block="auto"),
         "fused, winograd": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="winograd"),
+        "fused, winograd in blocks": lambda x, w, b: jc.conv_relu_pool(x, w, b, padding=1, rule="winograd",
+                                                                        block="auto"),
         "xla autodiff chain": xla_chain,
     }
     out = []

@@ -37,12 +37,13 @@ def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reu
     tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=cache, log=lines.append)
     assert conv_rules(tuned) == [("flip", False, None), ("im2col", None, None)]  # the layer naming its rule keeps it
     assert calls == [((8, 8, 1), 4)] and choice["measured"] and (choice["rule"], choice["fused"]) == ("flip", False)
-    assert lines[0] == f"rule auto: timing 8 candidate rules on this machine for this geometry (compiled and run " \
+    assert lines[0] == f"rule auto: timing 10 candidate rules on this machine for this geometry (compiled and run " \
                        f"{autotune.TIMINGS} times each; the result is kept in {cache})"
     assert lines[1:] == ["rule auto: flip for the conv layers (im2col (phi stored) 2.00 ms / 10.0 MiB, im2col (phi in "
-                     "blocks) 3.00 ms / 9.0 MiB, flip 1.00 ms / 8.0 MiB, winograd 5.00 ms / 7.0 MiB, fused, im2col "
-                     "(phi stored) 6.00 ms / 6.0 MiB, fused, im2col (phi in blocks) 7.00 ms / 5.0 MiB, fused, flip "
-                     "8.00 ms / 4.0 MiB, fused, winograd 9.00 ms / 3.0 MiB: a gradient of the network, its temporary "
+                     "blocks) 3.00 ms / 9.0 MiB, flip 1.00 ms / 8.0 MiB, winograd 5.00 ms / 7.0 MiB, winograd (in "
+                     "blocks) 6.00 ms / 6.0 MiB, fused, im2col (phi stored) 7.00 ms / 5.0 MiB, fused, im2col (phi in "
+                     "blocks) 8.00 ms / 4.0 MiB, fused, flip 9.00 ms / 3.0 MiB, fused, winograd 10.00 ms / 2.0 MiB, "
+                     "fused, winograd (in blocks) 11.00 ms / 1.0 MiB: a gradient of the network, its temporary "
                      "memory; measured now)"]
     stored = json.loads(cache.read_text())
     assert list(stored) == [autotune.machine_key()] and len(stored[autotune.machine_key()]) == 1
@@ -60,7 +61,7 @@ def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatc
     cache = tmp_path / "rules.json"
     cache.write_text("{not json")
     tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)
-    assert len(choice["ms"]) == 8 and all(v > 0 for v in choice["ms"].values())  # really timed
+    assert len(choice["ms"]) == 10 and all(v > 0 for v in choice["ms"].values())  # really timed
     assert all(v > 0 for v in choice["temp_mb"].values()) and choice["temp_mb"].keys() == choice["ms"].keys()
     chosen = autotune.label(*conv_rules(tuned)[0], choice["fused"])
     assert choice["ms"][chosen] <= min(choice["ms"].values()) * (1 + autotune.TIE)
@@ -85,7 +86,7 @@ def test_winograd_is_a_candidate_where_an_open_layer_is_3x3_with_stride_1(tmp_pa
     """It is timed only for networks with an open 3x3, stride-1 conv layer; when it wins, those layers take it and
     the others (5x5 here) the backend's default."""
     labels = lambda net: [autotune.label(*c) for c in autotune.candidates(net)]
-    assert "winograd" in labels(NET) and "fused, winograd" in labels(NET)
+    assert {"winograd", "winograd (in blocks)", "fused, winograd", "fused, winograd (in blocks)"} <= set(labels(NET))
     assert "winograd" not in labels(jc.preset("lenet5"))  # 5x5 kernels only
     assert "winograd" not in labels(jc.Sequential([jc.Conv(4, 3, stride=2), jc.Conv(4, 3, rule="flip"),
                                                    jc.Flatten(), jc.Dense(2)]))  # strided, or its rule named
@@ -97,6 +98,11 @@ def test_winograd_is_a_candidate_where_an_open_layer_is_3x3_with_stride_1(tmp_pa
     assert (choice["rule"], choice["fused"]) == ("winograd", True)
     assert conv_rules(tuned) == [(*default, None), ("winograd", False, None)]
     assert tuned.layers[2].type == "conv_relu_pool"
+    monkeypatch.setattr(autotune, "time_network", fake_timings("winograd (in blocks)")[0])
+    tuned, choice = autotune.tune(net, (8, 8, 1), 4, cache=tmp_path / "other.json", log=lambda line: None)
+    assert (choice["rule"], choice["block"], choice["fused"]) == ("winograd", "auto", False)
+    lighter = ("im2col", False, "auto") if default[0] == "im2col" else (*default, None)  # phi(pad(Z)) in blocks too
+    assert conv_rules(tuned) == [lighter, ("winograd", False, "auto")]
 
 
 def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch, capsys):

@@ -153,7 +153,7 @@ def test_bench_command_times_every_variant(monkeypatch, capsys):
 def test_block_memory_rows():
     rows = dict(bench.block_memory(batch=4, shape=(6, 6, 3), features=4))
     assert set(rows) == {"fused, flip", "fused, im2col", "fused, im2col, phi stored", "fused, im2col, phi in blocks",
-                         "fused, winograd", "xla autodiff chain"}
+                         "fused, winograd", "fused, winograd in blocks", "xla autodiff chain"}
     assert all(v > 0 for v in rows.values())
 
 

@@ -141,8 +141,9 @@ def conv_bn_relu(x: jax.Array, w: jax.Array, gamma: jax.Array, beta: jax.Array, 
     It trades one convolution in the backward for a conv-output-sized array less in memory. The conv has no bias
     (batch norm subtracts it again). Returns ``(y, mean, var)`` as ``batch_norm`` (the batch's statistics, for the
     running averages). Arguments as ``conv2d`` and ``batch_norm``; ``grad``: "hand" or "autodiff" (the chain);
-    ``block``: both convolutions (S, and S recomputed) and eq. (12), (18) with phi(pad(Z)) built ``block`` examples
-    at a time, as ``conv2d``'s. phi(pad(Z)) is never stored: the block keeps only its input and output.
+    ``block``: both convolutions (S, and S recomputed) and eq. (12), (18) with phi(pad(Z)) (or Winograd's tiles)
+    built ``block`` examples at a time, as ``conv2d``'s. phi(pad(Z)) is never stored: the block keeps only its
+    input and output.
     """
     op = "conv_bn_relu"
     x, w, _, window = conv.check(op, x, w, None, stride, padding, dilation)

@@ -29,6 +29,7 @@ over the instances i, so both passes build phi(pad(Z^i)) for B examples at a tim
     dZ^i = unpatches(Delta^i @ w2^T)             per block (eq. 18)
 
 so at most one block's phi(pad(Z)) (``BLOCK_BYTES``, cache-sized, for ``block="auto"``) exists at any time.
+``rule="winograd"`` takes ``block`` the same way: its tiles V and M of one block at a time, dW summed over blocks.
 
 Backward, ``rule="flip"`` (Ray; DD2424 "write back-prop eqn through convolution as a convolution"). Ray derives it
 for stride 1 and no dilation; the general case, one channel pair, 0-based, Zp = pad(Z), stride s, dilation d::
@@ -96,7 +97,8 @@ def conv2d(
         else False. Applies to both gradient modes, which share the forward pass.
       block: im2col rule, phi(pad(Z)) not stored: build phi(pad(Z)) for at most this many examples at a time,
         in the forward and the backward pass (blocks of equal size: the largest divisor of N not above it), or
-        "auto": as many as fit in ``BLOCK_BYTES``. Memory for phi(pad(Z)) drops by N / block. None: the whole
+        "auto": as many as fit in ``BLOCK_BYTES``. Memory for phi(pad(Z)) drops by N / block. With
+        ``rule="winograd"``: its transformed tiles likewise ("auto": ``WINOGRAD_BLOCK_BYTES``). None: the whole
         batch at once.
 
     Returns:
@@ -117,7 +119,7 @@ def resolve(op: str, rule: str | None, store_phi: bool | None, block=None) -> tu
     """The hand rule and Lin's store_phi switch, checked, their defaults resolved per backend (the faster of each
     in BENCHMARKS.md): im2col with phi(pad(Z)) stored on CPU; the flip rule on accelerators, whose convolutions
     (cuDNN on GPUs) beat phi(pad(Z)) products there. Asking to store phi(pad(Z)) implies the im2col rule, and so
-    does a ``block`` (checked here too), which also implies not storing it."""
+    does a ``block`` (checked here too; it also applies to Winograd's), which also implies not storing it."""
     if store_phi is not None and not isinstance(store_phi, bool):
         raise TypeError(f"{op}: store_phi must be True, False or None, got {store_phi!r}")
     if block is not None:
@@ -128,9 +130,10 @@ def resolve(op: str, rule: str | None, store_phi: bool | None, block=None) -> tu
     if rule is None:
         rule = "im2col" if store_phi or jax.default_backend() == "cpu" else "flip"
     _args.choice(op, "rule", rule, _args.CONV_RULES)
-    if block is not None and (rule != "im2col" or store_phi):
-        raise ValueError(f"{op}: block applies to rule='im2col' with store_phi=False (phi(pad(Z)) built block by "
-                         f"block, never stored), got rule={rule!r}, store_phi={store_phi!r}")
+    if block is not None and (rule not in ("im2col", "winograd") or store_phi):
+        raise ValueError(f"{op}: block applies to rule='im2col' with store_phi=False or to rule='winograd' "
+                         f"(phi(pad(Z)) or Winograd's tiles built block by block, never stored), got rule={rule!r}, "
+                         f"store_phi={store_phi!r}")
     if store_phi is None:
         return rule, rule == "im2col" and jax.default_backend() == "cpu"
     if store_phi and rule != "im2col":
@@ -144,22 +147,27 @@ def settle(op: str, x: jax.Array, w: jax.Array, window: Window, rule, store_phi,
     rule, store_phi = resolve(op, rule, store_phi, block)
     if rule == "winograd":
         winograd.check(op, window.size, window.stride, window.dilation)
-    block = block_size(block, x, w, window)
+    block = block_size(block, x, w, window, rule)
     check_size(op, x, w, window, rule, store_phi, block)
     return rule, store_phi, block
 
 
 BLOCK_BYTES = 4 * 2**20  # block="auto": phi(pad(Z)) of one block at most this size (fits a CPU's L2 + L3 share)
+# block="auto" with rule="winograd": a block's transformed tiles V and M at most this size. Smaller blocks make
+# Winograd's 16 products too thin (simplenn-mnist's step 1.1x slower in blocks of 8 than of 32; BENCHMARKS.md)
+WINOGRAD_BLOCK_BYTES = 16 * 2**20
 
 
-def block_size(block, x: jax.Array, w: jax.Array, window: Window) -> int | None:
+def block_size(block, x: jax.Array, w: jax.Array, window: Window, rule: str = "im2col") -> int | None:
     """``block`` (checked by ``resolve``) for a batch ``x``: examples per block of phi(pad(Z)), or None for the
     whole batch at once. The blocks are of equal size: the largest divisor of N not above ``block``, or for "auto"
     not above the examples whose phi(pad(Z)) fits in ``BLOCK_BYTES`` (at least 1). A block of the whole batch is
     None: the unblocked computation."""
     if block is None:
         return None
-    if block == "auto":
+    if block == "auto" and rule == "winograd":
+        block = max(1, WINOGRAD_BLOCK_BYTES // winograd.tile_bytes(window, x, w))
+    elif block == "auto":
         per_example = math.prod(window.out_hw(x.shape[1:3])) * math.prod(w.shape[:3]) * x.dtype.itemsize
         block = max(1, BLOCK_BYTES // per_example)
     n = x.shape[0]
@@ -238,7 +246,8 @@ def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.
     XLA's convolution, literally ``block`` examples at a time, or by Winograd's F(2x2, 3x3) (``rule="winograd"``)."""
     if rule == "winograd":
         p = None
-        s = winograd.forward(window, x, w)
+        s = winograd.forward(window, x, w) if block is None else by_blocks(
+            block, lambda x: winograd.forward(window, x, w), x)
     elif block is not None:
         p = None
         s = by_blocks(block, lambda x: jnp.matmul(phi(window, x), w.reshape(-1, w.shape[3])), x)
@@ -317,7 +326,7 @@ def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.A
              block: int | None = None):
     """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
     if block is not None:
-        return _blocked_backward(window, x, w, delta, block)
+        return _blocked_backward(rule, window, x, w, delta, block)
     if rule == "winograd":
         return winograd.backward(window, x, w, delta)
     if rule == "im2col":
@@ -350,13 +359,17 @@ def _input_gradient(window: Window, x, w, delta):
     return unpatches(cols, window, x.shape[1:3]).astype(x.dtype)  # P_pad^T P_phi^T
 
 
-def _blocked_backward(window: Window, x, w, delta, block: int):
-    """The im2col rule ``block`` examples at a time: eq. (12) summed over the blocks (in float32 for narrower
-    dtypes, as XLA's products keep it), eq. (18) and col2im per block; eq. (14) over the whole Delta."""
+def _blocked_backward(rule: str, window: Window, x, w, delta, block: int):
+    """The im2col or Winograd rule ``block`` examples at a time: dW summed over the blocks (in float32 for narrower
+    dtypes, as XLA's products keep it; eq. 12 for im2col), dZ per block (eq. 18 and col2im for im2col); eq. (14)
+    over the whole Delta."""
     n, acc = x.shape[0], _args.compute_dtype(delta)
 
     def one_block(dw, blocks):
         x, delta = blocks
+        if rule == "winograd":
+            dx, dw_block = winograd.gradients(window, x, w, delta)
+            return dw + dw_block.reshape(dw.shape), dx
         rows = delta.reshape(-1, delta.shape[3])
         p = phi(window, x)
         dw = dw + jnp.matmul(p.reshape(rows.shape[0], -1).T, rows, preferred_element_type=acc)  # eq. (12)

@@ -31,11 +31,13 @@ dI = pad(dJ) * flip(K) (the flip rule, ``conv.py``)::
 (P_pad^T drops the p rows of padding on each side; a negative pad_{2-p} drops rows of Delta), so it is computed
 by this module's forward pass too: B^T d B of Delta's tiles, 16 products, A^T M A, no overlap. The tangent rule
 is the bilinear differential dS = A^T [V(dZ) U + V U(dW)] A + db 1^T. V is recomputed in the backward pass, as
-phi(pad(Z)) is with ``store_phi=False`` (keeping it measured no faster). Rounding differs from the direct sum:
-in float32 S agrees with eq. (3) to a few units in the last place of its largest entries (the transforms'
-weights are 1 and 1/2). In bfloat16 and float16 the transforms and products run in float32 and S, dZ and dW are
-rounded once, as eq. (3)'s products accumulate: V and U rounded to bfloat16 left them 3.0-3.6x farther from the
-float64 truth than im2col's (BENCHMARKS.md).
+phi(pad(Z)) is with ``store_phi=False`` (keeping it measured no faster). ``block=`` (``conv.py``) runs both
+passes a block of examples at a time, dW summed over the blocks: the fused block's gradient then needs 0.3x the
+temporary memory of XLA's chain instead of 0.84x, at 0.91-1.06x the time on one 2-core CPU (BENCHMARKS.md).
+Rounding differs from the direct sum: in float32 S agrees with eq. (3) to a few units in the last place of its
+largest entries (the transforms' weights are 1 and 1/2). In bfloat16 and float16 the transforms and products
+run in float32 and S, dZ and dW are rounded once, as eq. (3)'s products accumulate: V and U rounded to bfloat16
+left them 3.0-3.6x farther from the float64 truth than im2col's (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def _tiles(window: Window, in_hw) -> tuple[Window, tuple[int, int], tuple[int, i
     tiles = tuple(-(-o // OUT) for o in out_hw)
     padding = tuple((lo, OUT * t + TILE - OUT - n - lo) for (lo, _), n, t in zip(window.padding, in_hw, tiles))
     return Window((TILE, TILE), (OUT, OUT), (1, 1), padding), out_hw, tiles
+
+
+def tile_bytes(window: Window, x: jax.Array, w: jax.Array) -> int:
+    """Bytes per example of the transformed tiles V and M = V U (16 per tile, in the dtype they are computed in):
+    what ``block="auto"`` sizes Winograd's blocks by, as phi(pad(Z)) sizes im2col's."""
+    _, _, (th, tw) = _tiles(window, x.shape[1:3])
+    return TILE * TILE * th * tw * (x.shape[3] + w.shape[3]) * jnp.dtype(compute_dtype(x)).itemsize
 
 
 def transform_input(window: Window, x: jax.Array):
@@ -151,11 +160,12 @@ def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array:
     return transform_output(_add(terms), window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
-def backward(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
-    """(dZ, dW, db) from Delta = dxi/dS by the transposes of the forward pass's maps (module docstring); dZ by
-    Winograd's forward pass over pad(Delta) with the flipped kernel."""
+def gradients(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
+    """(dZ, dW) from Delta = dxi/dS by the transposes of the forward pass's maps (module docstring); dZ by
+    Winograd's forward pass over pad(Delta) with the flipped kernel. dW is left in the dtype the products ran in
+    (float32 for bfloat16 and float16), for the caller to sum over blocks of examples before rounding it once."""
     _, out_hw, (th, tw) = _tiles(window, x.shape[1:3])
-    n, c_in, c_out = x.shape[0], x.shape[3], w.shape[3]
+    c_in, c_out = x.shape[3], w.shape[3]
     xc, deltac = _wide(x, delta)
     full = jnp.pad(deltac, ((0, 0), (0, OUT * th - out_hw[0]), (0, OUT * tw - out_hw[1]), (0, 0)))
     dm = _transform(A_T, [[full[:, p::OUT, q::OUT] for q in range(OUT)] for p in range(OUT)], transpose=True)
@@ -163,9 +173,16 @@ def backward(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
     du = [[jnp.matmul(v_ab.reshape(-1, c_in).T, dm_ab.reshape(-1, c_out)) for v_ab, dm_ab in zip(v_a, dm_a)]
           for v_a, dm_a in zip(v, dm)]  # V^T dM, summed over the tiles
     dw = _transform(G, du, transpose=True)  # G^T dU G
-    dw = jnp.stack([jnp.stack(row) for row in dw]).astype(w.dtype)  # [3, 3, C_in, C_out]
+    dw = jnp.stack([jnp.stack(row) for row in dw])  # [3, 3, C_in, C_out]
     # P_pad^T [pad_2(Delta) (*) rot180(W)] = pad_{2-p}(Delta) (*) rot180(W), C_in and C_out swapped
     flipped = Window((3, 3), (1, 1), (1, 1), tuple((2 - lo, 2 - hi) for lo, hi in window.padding))
     dx = forward(flipped, delta, jnp.swapaxes(w[::-1, ::-1], 2, 3))
-    db = jnp.ones(n * out_hw[0] * out_hw[1], delta.dtype) @ delta.reshape(-1, c_out)  # eq. (14)
-    return dx.astype(x.dtype), dw, db
+    return dx.astype(x.dtype), dw
+
+
+def backward(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
+    """(dZ, dW, db) from Delta = dxi/dS: ``gradients`` and db = Delta 1 (eq. 14)."""
+    dx, dw = gradients(window, x, w, delta)
+    rows = delta.reshape(-1, delta.shape[3])
+    db = jnp.ones(rows.shape[0], delta.dtype) @ rows  # eq. (14)
+    return dx, dw.astype(w.dtype), db

@@ -103,6 +103,39 @@ def test_tangent_rule_equals_jvp():
                 modes=["fwd", "rev"])
 
 
+def test_blocks_of_examples_compute_the_same_in_less_memory(monkeypatch):
+    """block=: Winograd's tiles built a block of examples at a time (dW summed over the blocks): the same S,
+    gradients and tangents as the whole batch, and the fused block's temporaries shrink with the tiles."""
+    x, w, b = make(dict(n=6, h=7, w=6, c_in=2, c_out=3, bias=True), jnp.float64, seed=7)
+    g = normal(np.random.default_rng(8), (6, 7, 6, 3), jnp.float64)
+    pulls = {block: jax.vjp(lambda *a, block=block: jc.conv2d(*a, padding=1, rule="winograd", block=block), x, w, b)
+             for block in (None, 2, 4)}  # 4: blocks of 3, the largest divisor of 6 not above it
+    for block in (2, 4):
+        assert_close(pulls[block][0], pulls[None][0], jnp.float64, f"S in blocks of {block}")
+        for name, a, want in zip("xwb", pulls[block][1](g), pulls[None][1](g)):
+            assert_close(a, want, jnp.float64, f"d{name} in blocks of {block}")
+    s, ds = jc.ops.conv2d_jvp((x, w, b), (x, w, None), padding=1, rule="winograd", block=2)
+    s_ref, ds_ref = jax.jvp(lambda x, w: jc.conv2d(x, w, b, padding=1, grad="autodiff", store_phi=True), (x, w),
+                            (x, w))
+    assert_close(s, s_ref, jnp.float64, "conv2d_jvp winograd in blocks, S")
+    assert_close(ds, ds_ref, jnp.float64, "conv2d_jvp winograd in blocks, dS")
+
+    window = jc.ops.conv.geometry("t", (7, 6), (3, 3), 1, 1, 1)
+    per_example = 16 * 4 * 3 * (2 + 3) * 8  # 16 entries per tile, 4 x 3 tiles (S is 7 x 6), V and M, float64
+    assert winograd.tile_bytes(window, x, w) == per_example
+    monkeypatch.setattr(jc.ops.conv, "WINOGRAD_BLOCK_BYTES", 3 * per_example)
+    assert jc.ops.conv.block_size("auto", x, w, window, "winograd") == 3
+
+    rng = np.random.default_rng(9)
+    x, w, b = normal(rng, (16, 16, 16, 8), jnp.float32), normal(rng, (3, 3, 8, 16), jnp.float32), None
+    def temp_bytes(block):
+        loss = lambda x, w: jnp.sum(jc.conv_relu_pool(x, w, padding=1, rule="winograd", block=block) ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().memory_analysis().temp_size_in_bytes
+
+    temp = {block: temp_bytes(block) for block in (None, 2)}
+    assert temp[2] < 0.5 * temp[None], temp
+
+
 def test_transforms_invert_on_a_single_tile():
     """Lavin and Gray's identity on one 4x4 tile, one channel pair: A^T [(G g G^T) (.) (B^T d B)] A equals the
     direct 2x2 correlation of d with g (eq. 3 on that tile)."""
@@ -173,8 +206,6 @@ def test_it_refuses_what_it_does_not_compute():
         jc.conv_relu_pool(x, w, jnp.ones(2), stride=2, rule="winograd")
     with pytest.raises(ValueError, match=r"store_phi applies to rule='im2col' \(rule='winograd' does not use"):
         jc.conv2d(x, w, rule="winograd", store_phi=True)
-    with pytest.raises(ValueError, match="block applies to rule='im2col'"):
-        jc.conv2d(x, w, rule="winograd", block=1)
     with pytest.raises(ValueError, match=r"conv2d: the padded input would have shape \(1, 60002, 60002, 1\)"):
         jc.conv2d(jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1)), padding=3 * 10**4, rule="winograd")  # not allocated
     with pytest.raises(ValueError, match=r"conv: rule='winograd' .* got kernel \(5, 5\), stride \(1, 1\)"):
