@@ -106,7 +106,7 @@ def test_finite_differences_float64(rule, case):
     rng = np.random.default_rng(1)
     x, w, b = normal(rng, (2, 6, 5, 2), jnp.float64), normal(rng, (3, 2, 2, 3), jnp.float64), \
         normal(rng, (3,), jnp.float64)
-    check_grads(lambda x, w, b: jc.conv2d(x, w, b, **case, rule=rule), (x, w, b), order=1, modes=["rev"])
+    check_grads(jax.jit(lambda x, w, b: jc.conv2d(x, w, b, **case, rule=rule)), (x, w, b), order=1, modes=["rev"])
 
 
 # MatConvNet-style equivalences (vl_nnconv's tests): each relates two calls of the forward and of the gradient.

@@ -24,23 +24,26 @@ def inputs(dtype, n=6, seed=0):
 
 def test_finite_differences_float64():
     x, w, b = inputs(jnp.float64)
-    check_grads(lambda x, w, b: jc.conv2d(x, w, b, block=2, **GEOMETRY), (x, w, b), order=1, modes=["rev"])
-    check_grads(lambda x, w, b: jc.conv_relu_pool(x, w, b, block=3, padding=1), (x, w, b), order=1, modes=["rev"])
+    check_grads(jax.jit(lambda x, w, b: jc.conv2d(x, w, b, block=2, **GEOMETRY)), (x, w, b), order=1, modes=["rev"])
+    check_grads(jax.jit(lambda x, w, b: jc.conv_relu_pool(x, w, b, block=3, padding=1)), (x, w, b), order=1,
+                modes=["rev"])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_tangent_rule_in_blocks_equals_autodiffs_jvp(dtype):
     x, w, b = inputs(dtype, seed=1)
     dx, dw, db = inputs(dtype, seed=2)
-    ref = jax.jvp(lambda *a: jc.conv2d(*a, grad="autodiff", **GEOMETRY), (x, w, b), (dx, dw, db))
+    autodiff_jvp = jax.jit(lambda t: jax.jvp(lambda *a: jc.conv2d(*a, grad="autodiff", **GEOMETRY), (x, w, b), t))
+    ref = autodiff_jvp((dx, dw, db))
     for tangents in ((dx, dw, db), (None, dw, None), (dx, None, db)):
-        s, ds = conv.conv2d_jvp((x, w, b), tangents, block=3, **GEOMETRY)
-        want = jax.jvp(lambda *a: jc.conv2d(*a, grad="autodiff", **GEOMETRY), (x, w, b),
-                       tuple(jnp.zeros_like(p) if t is None else t for p, t in zip((x, w, b), tangents)))[1]
+        s, ds = jax.jit(lambda t: conv.conv2d_jvp((x, w, b), t, block=3, **GEOMETRY))(tangents)
+        want = autodiff_jvp(tuple(jnp.zeros_like(p) if t is None else t for p, t in zip((x, w, b), tangents)))[1]
         assert_close(s, ref[0], dtype, "S in blocks")
         assert_close(ds, want, dtype, f"dS in blocks, tangents {[t is not None for t in tangents]}")
-    y, dy = jax.jvp(lambda *a: jc.conv_relu_pool(*a, padding=1, grad="tangent", block=2), (x, w, b), (dx, dw, db))
-    y_ref, dy_ref = jax.jvp(lambda *a: jc.conv_relu_pool(*a, padding=1, grad="autodiff"), (x, w, b), (dx, dw, db))
+    y, dy = jax.jit(lambda: jax.jvp(lambda *a: jc.conv_relu_pool(*a, padding=1, grad="tangent", block=2), (x, w, b),
+                                    (dx, dw, db)))()
+    y_ref, dy_ref = jax.jit(lambda: jax.jvp(lambda *a: jc.conv_relu_pool(*a, padding=1, grad="autodiff"), (x, w, b),
+                                            (dx, dw, db)))()
     assert_close(y, y_ref, dtype, "fused block in blocks")
     assert_close(dy, dy_ref, dtype, "fused block's tangent in blocks")
 
@@ -97,6 +100,6 @@ def test_a_network_with_blocks_round_trips_and_computes_the_same():
     x, _, _ = inputs(jnp.float64)
     params = net.init(jax.random.key(0), x.shape[1:], jnp.float64)
     plain = nw.Sequential([nw.Conv(4, padding=1), *net.layers[1:]])
-    for a, b in zip(jax.tree_util.tree_leaves(jax.grad(lambda p: jnp.sum(net.fuse().apply(p, x) ** 2))(params)),
-                    jax.tree_util.tree_leaves(jax.grad(lambda p: jnp.sum(plain.apply(p, x) ** 2))(params))):
+    grads = jax.jit(lambda p: [jax.grad(lambda p, n=n: jnp.sum(n.apply(p, x) ** 2))(p) for n in (net.fuse(), plain)])
+    for a, b in zip(*map(jax.tree_util.tree_leaves, grads(params))):
         assert_close(a, b, jnp.float64, "network in blocks vs whole batch")
