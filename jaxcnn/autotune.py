@@ -5,10 +5,10 @@ Which rule is fastest depends on the machine, not on the math: the im2col produc
 phi(pad(Z)) stored in the forward pass or built a block of examples at a time in both: ``block``) or Ray's flip rule
 (XLA's convolutions), and where the network has 3x3, stride-1 layers Winograd's F(2x2, 3x3) for those (the others
 taking the backend's default), for the whole batch or a block of examples at a time: fewer products
-(``jaxcnn.ops.winograd``). phi(pad(Z)) rebuilt for the
-whole batch in the backward pass is not a candidate: it was slower than storing it in every table of BENCHMARKS.md
-(CPU and GPU), and slower and heavier than blocks. On one 2-core CPU im2col wins by 2x, on another 2-core CPU with a
-6x faster matrix unit flip wins by 15%, and on GPUs flip wins (BENCHMARKS.md). So ``tune`` times one jitted gradient
+(``jaxcnn.ops.winograd``). phi(pad(Z)) rebuilt for the whole batch in the backward pass is not a candidate: it was
+slower than storing it in every table of BENCHMARKS.md (CPU and GPU), and slower and heavier than blocks. On one
+2-core CPU im2col wins by 2x, on another 2-core CPU with a 6x faster matrix unit flip wins by 15%, and on GPUs flip
+wins (BENCHMARKS.md). So ``tune`` times one jitted gradient
 of the network's objective (forward and backward of every layer: what a training step computes) at the run's input
 shape, batch and dtype with each candidate given to every conv layer that names no rule of its own, on the network
 as given and on its fused form (Lin's Conv-ReLU-pool block, eq. 24-28: the same function and params), and keeps the

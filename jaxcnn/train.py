@@ -434,8 +434,9 @@ def conv_rules(net: Sequential, default: str, prefix: str = "") -> dict[str, str
         if isinstance(layer, Residual):
             rules.update(conv_rules(layer.body, default, f"{prefix}{name}/"))
         elif isinstance(layer, Conv):
-            rules[prefix + name] = (layer.rule or default) + (" (phi stored)" if layer.store_phi else "") + \
-                (f" (phi in blocks: {layer.block})" if layer.block is not None else "")
+            rule = layer.rule or default
+            blocks = "" if layer.block is None else f" ({'' if rule == 'winograd' else 'phi '}in blocks: {layer.block})"
+            rules[prefix + name] = rule + (" (phi stored)" if layer.store_phi else "") + blocks
     return rules
 
 

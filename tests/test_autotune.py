@@ -5,7 +5,7 @@ import contextlib
 import json
 
 import jaxcnn as jc
-from jaxcnn import autotune, bench, checkpoint, cli
+from jaxcnn import autotune, bench, checkpoint, cli, train
 
 
 def fake_timings(fastest):
@@ -103,6 +103,8 @@ def test_winograd_is_a_candidate_where_an_open_layer_is_3x3_with_stride_1(tmp_pa
     assert (choice["rule"], choice["block"], choice["fused"]) == ("winograd", "auto", False)
     lighter = ("im2col", False, "auto") if default[0] == "im2col" else (*default, None)  # phi(pad(Z)) in blocks too
     assert conv_rules(tuned) == [lighter, ("winograd", False, "auto")]
+    first = "im2col (phi in blocks: auto)" if default[0] == "im2col" else default[0]
+    assert train.conv_rules(tuned, default[0]) == {"conv1": first, "conv2": "winograd (in blocks: auto)"}  # summary
 
 
 def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch, capsys):
@@ -123,7 +125,6 @@ def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch,
 
 def test_resume_keeps_the_rules_the_run_chose(tmp_path, monkeypatch, capsys):
     """A run killed after its first checkpoint resumes with the rules it recorded, whatever the cache says now."""
-    from jaxcnn import train
     from tests.test_reliability import crash_after
 
     monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path / "cache"))

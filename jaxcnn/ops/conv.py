@@ -161,8 +161,8 @@ WINOGRAD_BLOCK_BYTES = 16 * 2**20
 def block_size(block, x: jax.Array, w: jax.Array, window: Window, rule: str = "im2col") -> int | None:
     """``block`` (checked by ``resolve``) for a batch ``x``: examples per block of phi(pad(Z)), or None for the
     whole batch at once. The blocks are of equal size: the largest divisor of N not above ``block``, or for "auto"
-    not above the examples whose phi(pad(Z)) fits in ``BLOCK_BYTES`` (at least 1). A block of the whole batch is
-    None: the unblocked computation."""
+    not above the examples whose phi(pad(Z)) fits in ``BLOCK_BYTES`` (``rule="winograd"``: whose transformed tiles
+    fit in ``WINOGRAD_BLOCK_BYTES``; at least 1). A block of the whole batch is None: the unblocked computation."""
     if block is None:
         return None
     if block == "auto" and rule == "winograd":
