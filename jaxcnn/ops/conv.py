@@ -328,7 +328,8 @@ def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.A
     if block is not None:
         return _blocked_backward(rule, window, x, w, delta, block)
     if rule == "winograd":
-        return winograd.backward(window, x, w, delta)
+        dx, dw = winograd.gradients(window, x, w, delta)
+        return dx, dw.astype(w.dtype), _bias_gradient(delta)
     if rule == "im2col":
         return _im2col_backward(window, x, w, delta, stored_phi)
     return (*_flip_backward(window, x, w, delta), delta.sum(axis=(0, 1, 2)))  # db: eq. (14), Delta 1

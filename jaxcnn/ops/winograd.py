@@ -163,7 +163,8 @@ def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array:
 def gradients(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
     """(dZ, dW) from Delta = dxi/dS by the transposes of the forward pass's maps (module docstring); dZ by
     Winograd's forward pass over pad(Delta) with the flipped kernel. dW is left in the dtype the products ran in
-    (float32 for bfloat16 and float16), for the caller to sum over blocks of examples before rounding it once."""
+    (float32 for bfloat16 and float16), for the caller to sum over blocks of examples before rounding it once;
+    db = Delta 1 (eq. 14) is the caller's too (``conv.backward``, as for the other rules)."""
     _, out_hw, (th, tw) = _tiles(window, x.shape[1:3])
     c_in, c_out = x.shape[3], w.shape[3]
     xc, deltac = _wide(x, delta)
@@ -179,10 +180,3 @@ def gradients(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
     dx = forward(flipped, delta, jnp.swapaxes(w[::-1, ::-1], 2, 3))
     return dx.astype(x.dtype), dw
 
-
-def backward(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
-    """(dZ, dW, db) from Delta = dxi/dS: ``gradients`` and db = Delta 1 (eq. 14)."""
-    dx, dw = gradients(window, x, w, delta)
-    rows = delta.reshape(-1, delta.shape[3])
-    db = jnp.ones(rows.shape[0], delta.dtype) @ rows  # eq. (14)
-    return dx, dw.astype(w.dtype), db
