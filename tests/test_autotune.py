@@ -4,6 +4,8 @@ timings are cached per machine, and a run records and reuses the rules it chose.
 import contextlib
 import json
 
+import numpy as np
+
 import jaxcnn as jc
 from jaxcnn import autotune, bench, checkpoint, cli, train
 
@@ -38,7 +40,8 @@ def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reu
     assert conv_rules(tuned) == [("flip", False, None), ("im2col", None, None)]  # the layer naming its rule keeps it
     assert calls == [((8, 8, 1), 4)] and choice["measured"] and (choice["rule"], choice["fused"]) == ("flip", False)
     assert lines[0] == f"rule auto: timing 10 candidate rules on this machine for this geometry (compiled and run " \
-                       f"{autotune.TIMINGS} times each; the result is kept in {cache})"
+                       f"{autotune.TIMINGS} times each, those within {autotune.CLOSE:.0%} of the fastest " \
+                       f"{autotune.RETIMINGS} times more; the result is kept in {cache})"
     assert lines[1:] == ["rule auto: flip for the conv layers (im2col (phi stored) 2.00 ms / 10.0 MiB, im2col (phi in "
                      "blocks) 3.00 ms / 9.0 MiB, flip 1.00 ms / 8.0 MiB, winograd 5.00 ms / 7.0 MiB, winograd (in "
                      "blocks) 6.00 ms / 6.0 MiB, fused, im2col (phi stored) 7.00 ms / 5.0 MiB, fused, im2col (phi in "
@@ -58,9 +61,29 @@ def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reu
 
 
 def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatch):
+    """Every candidate timed TIMINGS rounds, those within CLOSE of the fastest RETIMINGS more; the minimum and
+    median of all a candidate's rounds kept."""
+    rounds, round_robin = [], bench.round_robin
+    def recorded(functions, count, statistic):
+        rounds.append((count, seconds := round_robin(functions, count, statistic)))
+        return {name: list(s) for name, s in seconds.items()}
+
+    monkeypatch.setattr(bench, "round_robin", recorded)
     cache = tmp_path / "rules.json"
     cache.write_text("{not json")
     tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)
+    monkeypatch.setattr(bench, "round_robin", round_robin)
+    (first, timed), *again = rounds
+    fastest = min(map(min, timed.values()))
+    close = {name for name, s in timed.items() if min(s) <= fastest * (1 + autotune.CLOSE)}
+    retimed = again[0][1] if again else {}
+    assert first == autotune.TIMINGS and len(timed) == 10 and len(again) <= 1
+    assert set(retimed) == (close if len(close) > 1 else set()) and all(a == autotune.RETIMINGS for a, _ in again)
+    for name, s in timed.items():
+        s = s + retimed.get(name, [])
+        assert abs(choice["ms"][name] - 1e3 * min(s)) < 1e-3
+        assert abs(json.loads(cache.read_text())[autotune.machine_key()].popitem()[1][name]["median_ms"]
+                   - 1e3 * float(np.median(s))) < 1e-3
     assert len(choice["ms"]) == 10 and all(v > 0 for v in choice["ms"].values())  # really timed
     assert all(v > 0 for v in choice["temp_mb"].values()) and choice["temp_mb"].keys() == choice["ms"].keys()
     chosen = autotune.label(*conv_rules(tuned)[0], choice["fused"])
@@ -220,4 +243,4 @@ def test_among_candidates_tied_in_time_the_one_needing_least_memory_is_chosen(tm
     lines = []
     tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", log=lines.append)
     assert conv_rules(tuned)[0] == ("im2col", False, "auto") and choice["temp_mb"]["im2col (phi stored)"] == 90.0
-    assert lines[-1].endswith("the lightest within 3% of the fastest, im2col (phi stored), by minimum and median)")
+    assert lines[-1].endswith("the lightest within 5% of the fastest, im2col (phi stored), by minimum and median)")
