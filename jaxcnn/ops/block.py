@@ -101,7 +101,19 @@ def pool_geometry(op: str, pool) -> Window:
 def forward(window: Window, pool_window: Window, store_phi: bool, x, w, b, block: int | None = None,
             rule: str | None = None) -> jax.Array:
     """The one forward pass, shared by both gradient modes: conv, then ReLU, then max pooling."""
-    return max_forward(pool_window, relu_forward(conv.forward(window, store_phi, x, w, b, block, rule)[0]))
+    return _pooled(max_forward, window, pool_window, store_phi, x, w, b, block, rule)[0]
+
+
+def _pooled(pool, window: Window, pool_window: Window, store_phi: bool, x, w, b, block, rule):
+    """(``pool(pool_window, relu(S))``, phi(pad(Z)) if stored) with S by ``conv.forward``; with ``block`` conv,
+    ReLU and pooling a block of examples at a time, so that S is never built for the whole batch."""
+    if block is not None:
+        def one_block(x):
+            s = conv.literal(window, x, w, rule)
+            return pool(pool_window, relu_forward(s if b is None else s + b))
+        return conv.by_blocks(block, one_block, x), None
+    s, phi = conv.forward(window, store_phi, x, w, b, None, rule)
+    return pool(pool_window, relu_forward(s)), phi
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -110,16 +122,24 @@ def _block_hand(rule, window, pool_window, store_phi, block, x, w, b):
 
 
 def _block_hand_fwd(rule, window, pool_window, store_phi, block, x, w, b):
-    s, phi = conv.forward(window, store_phi, x, w, b, block, rule)
-    z_next, index = max_with_index(pool_window, relu_forward(s))
+    (z_next, index), phi = _pooled(max_with_index, window, pool_window, store_phi, x, w, b, block, rule)
     return z_next, (x, w, b, z_next, index, phi)
 
 
 def _block_hand_bwd(rule, window, pool_window, store_phi, block, res, delta):
     x, w, b, z_next, index, phi = res
-    delta = delta * passed(z_next)  # eq. (26): Delta (.) I[Z^{m+1}]
-    delta = route(pool_window, index, delta, window.out_hw(x.shape[1:3]))  # ... P_pool
-    dx, dw, db = conv.backward(rule, window, x, w, delta, stored_phi=phi, block=block)  # eq. (27), (28), (14)
+    out_hw = window.out_hw(x.shape[1:3])
+
+    def delta_of(delta, z_next, index):  # eq. (26): Delta (.) I[Z^{m+1}], then ... P_pool
+        return route(pool_window, index, delta * passed(z_next), out_hw)
+
+    # eq. (27), (28), (14) a block of examples at a time, with eq. (26) in each block for im2col. Not for Winograd:
+    # XLA fuses the mask and routing into each of its 16 transforms of Delta, recomputing them (MNIST's step 1.2x
+    # slower; keeping the next block's Delta in the loop's carry, so that it is built once, gained nothing)
+    if block is not None and rule == "im2col":
+        dx, dw, db = conv.blocked_backward(rule, window, x, w, block, delta, z_next, index, delta_of=delta_of)
+    else:
+        dx, dw, db = conv.backward(rule, window, x, w, delta_of(delta, z_next, index), stored_phi=phi, block=block)
     return dx, dw, None if b is None else db
 
 

@@ -244,13 +244,12 @@ def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.
     """The one forward pass of conv2d, shared by both gradient modes: (S, phi(pad(Z))) with S = W phi(pad(Z)) +
     b 1^T computed literally when ``store_phi`` (phi(pad(Z)) is then kept for eq. 12), else (S, None) with S by
     XLA's convolution, literally ``block`` examples at a time, or by Winograd's F(2x2, 3x3) (``rule="winograd"``)."""
-    if rule == "winograd":
+    if block is not None:
         p = None
-        s = winograd.forward(window, x, w) if block is None else by_blocks(
-            block, lambda x: winograd.forward(window, x, w), x)
-    elif block is not None:
+        s = by_blocks(block, lambda x: literal(window, x, w, rule), x)
+    elif rule == "winograd":
         p = None
-        s = by_blocks(block, lambda x: jnp.matmul(phi(window, x), w.reshape(-1, w.shape[3])), x)
+        s = winograd.forward(window, x, w)
     elif store_phi:
         p = phi(window, x)
         s = jnp.matmul(p, w.reshape(-1, w.shape[3]))
@@ -258,6 +257,14 @@ def forward(window: Window, store_phi: bool, x: jax.Array, w: jax.Array, b: jax.
         p = None
         s = correlate(window, x, w)
     return (s if b is None else s + b), p
+
+
+def literal(window: Window, x: jax.Array, w: jax.Array, rule: str) -> jax.Array:
+    """S without bias for a block of examples, computed literally: eq. (3) from its phi(pad(Z)), or Winograd's
+    F(2x2, 3x3) (``rule="winograd"``)."""
+    if rule == "winograd":
+        return winograd.forward(window, x, w)
+    return jnp.matmul(phi(window, x), w.reshape(-1, w.shape[3]))
 
 
 def by_blocks(block: int, f, *arrays):
@@ -326,7 +333,7 @@ def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.A
              block: int | None = None):
     """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
     if block is not None:
-        return _blocked_backward(rule, window, x, w, delta, block)
+        return blocked_backward(rule, window, x, w, block, delta)
     if rule == "winograd":
         dx, dw = winograd.gradients(window, x, w, delta)
         return dx, dw.astype(w.dtype), _bias_gradient(delta)
@@ -342,12 +349,12 @@ def _im2col_backward(window: Window, x, w, delta, stored_phi=None):
     return _input_gradient(window, x, w, delta), dw, _bias_gradient(delta)
 
 
-def _bias_gradient(delta):
-    """db = Delta 1, eq. (14), as the product it is: every reader of Delta is then a product, and XLA computes Delta
-    once (a sum over rows would make it fuse Delta's producer, col2im and routing, into two readers and compute it
-    twice)."""
+def _bias_gradient(delta, dtype=None):
+    """db = Delta 1, eq. (14), as the product it is (in ``dtype``, else Delta's): every reader of Delta is then a
+    product, and XLA computes Delta once (a sum over rows would make it fuse Delta's producer, col2im and routing,
+    into two readers and compute it twice)."""
     rows = delta.reshape(-1, delta.shape[3])
-    return jnp.ones(rows.shape[0], rows.dtype) @ rows
+    return jnp.matmul(jnp.ones(rows.shape[0], rows.dtype), rows, preferred_element_type=dtype)
 
 
 def _input_gradient(window: Window, x, w, delta):
@@ -360,25 +367,29 @@ def _input_gradient(window: Window, x, w, delta):
     return unpatches(cols, window, x.shape[1:3]).astype(x.dtype)  # P_pad^T P_phi^T
 
 
-def _blocked_backward(rule: str, window: Window, x, w, delta, block: int):
-    """The im2col or Winograd rule ``block`` examples at a time: dW summed over the blocks (in float32 for narrower
-    dtypes, as XLA's products keep it; eq. 12 for im2col), dZ per block (eq. 18 and col2im for im2col); eq. (14)
-    over the whole Delta."""
+def blocked_backward(rule: str, window: Window, x, w, block: int, delta, *more, delta_of=None):
+    """(dZ, dW, db) by the im2col or Winograd rule ``block`` examples at a time: dW and db summed over the blocks
+    (in float32 for narrower dtypes, as XLA's products keep it; eq. 12 for im2col, eq. 14), dZ per block (eq. 18
+    and col2im for im2col). With ``delta_of``, a block's Delta is ``delta_of`` of its blocks of ``delta`` and
+    ``more`` (the fused block's mask and P_pool routing, eq. 26): Delta is then never built for the whole batch."""
     n, acc = x.shape[0], _args.compute_dtype(delta)
 
-    def one_block(dw, blocks):
-        x, delta = blocks
+    def one_block(sums, blocks):
+        (dw, db), (x, delta, *rest) = sums, blocks
+        delta = delta if delta_of is None else delta_of(delta, *rest)
+        db = db + _bias_gradient(delta, acc)
         if rule == "winograd":
             dx, dw_block = winograd.gradients(window, x, w, delta)
-            return dw + dw_block.reshape(dw.shape), dx
+            return (dw + dw_block.reshape(dw.shape), db), dx
         rows = delta.reshape(-1, delta.shape[3])
         p = phi(window, x)
         dw = dw + jnp.matmul(p.reshape(rows.shape[0], -1).T, rows, preferred_element_type=acc)  # eq. (12)
-        return dw, _input_gradient(window, x, w, delta)
+        return (dw, db), _input_gradient(window, x, w, delta)
 
     split = lambda a: a.reshape(n // block, block, *a.shape[1:])
-    dw, dx = lax.scan(one_block, jnp.zeros((math.prod(w.shape[:3]), w.shape[3]), acc), (split(x), split(delta)))
-    return dx.reshape(x.shape), dw.reshape(w.shape).astype(w.dtype), _bias_gradient(delta)
+    zeros = (jnp.zeros((math.prod(w.shape[:3]), w.shape[3]), acc), jnp.zeros(w.shape[3], acc))
+    (dw, db), dx = lax.scan(one_block, zeros, tuple(map(split, (x, delta, *more))))
+    return dx.reshape(x.shape), dw.reshape(w.shape).astype(w.dtype), db.astype(delta.dtype)
 
 
 def _flip_backward(window: Window, x, w, delta):
