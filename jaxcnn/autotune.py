@@ -63,7 +63,7 @@ WINOGRAD = (("winograd", False, None), ("winograd", False, "auto"))
 TIE = 0.05
 TIMINGS = 7  # round-robin timings of each candidate; their minimum chooses, their median confirms a tie
 # Candidates within CLOSE of the fastest by the minimum after those rounds are timed RETIMINGS more times, round-robin
-# among themselves, before the choice: a median of 7 rounds on a busy 2-core VM moved by up to 9% between tunings
+# among themselves, before the choice: a median of 7 rounds on a busy 2-core VM moved by up to 13% between tunings
 # and decided ties by noise (BENCHMARKS.md).
 CLOSE, RETIMINGS = 0.15, 14
 # A training step below this many FLOPs (bench.count_flops) is not timed by the trainer's rule="auto": its layers
@@ -203,6 +203,7 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
         return jax.jit(jax.grad(lambda p, x, y: objective.objective(p, tuned, x, y)[0])).lower(params, x, y).compile()
 
     compiled = {label(*c): gradient(uniform(net, *c)) for c in candidates(net)}
+
     def timings(names, rounds):
         return bench.round_robin({name: (compiled[name], (params, x, y)) for name in names}, rounds,
                                  statistic=list)
