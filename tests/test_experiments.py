@@ -21,7 +21,14 @@ EXPERIMENTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(EXPERIMENTS))
+# Left to `pytest -m slow` (about 50 test-seconds, to keep the default suite under 10 minutes on a 2-core machine):
+# the experiments whose subject the default suite tests on its own (test_bench's bench command, test_mixed_precision,
+# test_precision's CLI run, the flag test below).
+COVERED_ELSEWHERE = {"benchmark", "mixed_precision", "precision", "xla_flags"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in COVERED_ELSEWHERE else name
+                                  for name in EXPERIMENTS])
 def test_experiment_runs_quick(name, tmp_path):
     environment = dict(os.environ)
     module = importlib.import_module(f"experiments.{name}")
