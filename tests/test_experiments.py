@@ -21,15 +21,18 @@ EXPERIMENTS = {
 }
 
 
-# Left to `pytest -m slow` (about 50 test-seconds, to keep the default suite under 10 minutes on a 2-core machine):
+# Left to `pytest -m slow` (about 80 test-seconds, to keep the default suite under 10 minutes on a 2-core machine):
 # the experiments whose subject the default suite tests on its own (test_bench's bench command, test_mixed_precision,
-# test_precision's CLI run, the flag test below).
-COVERED_ELSEWHERE = {"benchmark", "mixed_precision", "precision", "xla_flags"}
+# test_precision's CLI run, the flag test below, test_second_order's Gauss-Newton products, test_newton's runs).
+COVERED_ELSEWHERE = {"benchmark", "mixed_precision", "precision", "xla_flags", "gauss_newton_cost",
+                     "newton_sensitivity"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in COVERED_ELSEWHERE else name
                                   for name in EXPERIMENTS])
 def test_experiment_runs_quick(name, tmp_path):
+    import sklearn  # noqa: F401  (its first import in a process sets KMP_* variables: not the experiment's doing)
+
     environment = dict(os.environ)
     module = importlib.import_module(f"experiments.{name}")
     module.main(["--quick", "--out", str(tmp_path)])
