@@ -134,8 +134,8 @@ def _block_hand_bwd(rule, window, pool_window, store_phi, block, res, delta):
         return route(pool_window, index, delta * passed(z_next), out_hw)
 
     # eq. (27), (28), (14) a block of examples at a time, with eq. (26) in each block for im2col. Not for Winograd:
-    # XLA fuses the mask and routing into each of its 16 transforms of Delta, recomputing them (MNIST's step 1.2x
-    # slower; keeping the next block's Delta in the loop's carry, so that it is built once, gained nothing)
+    # XLA fuses the mask and routing into each of its 16 transforms of Delta, recomputing them (MNIST's step
+    # 1.07-1.19x slower; keeping the next block's Delta in the loop's carry, so that it is built once, gained nothing)
     if block is not None and rule == "im2col":
         dx, dw, db = conv.blocked_backward(rule, window, x, w, block, delta, z_next, index, delta_of=delta_of)
     else:

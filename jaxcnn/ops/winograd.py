@@ -32,8 +32,9 @@ dI = pad(dJ) * flip(K) (the flip rule, ``conv.py``)::
 by this module's forward pass too: B^T d B of Delta's tiles, 16 products, A^T M A, no overlap. The tangent rule
 is the bilinear differential dS = A^T [V(dZ) U + V U(dW)] A + db 1^T. V is recomputed in the backward pass, as
 phi(pad(Z)) is with ``store_phi=False`` (keeping it measured no faster). ``block=`` (``conv.py``) runs both
-passes a block of examples at a time, dW summed over the blocks: the fused block's gradient then needs 0.3x the
-temporary memory of XLA's chain instead of 0.84x, at 0.91-1.06x the time on a 2-core AMD EPYC (BENCHMARKS.md).
+passes a block of examples at a time, dW summed over the blocks: the fused block's gradient then needs 0.30-0.32x
+the temporary memory of XLA's chain instead of 0.84x, and the fused steps took 0.81-0.95x the whole batch's time on
+a 2-core AMD EPYC (BENCHMARKS.md, "The fused block a block of examples at a time").
 Rounding differs from the direct sum: in float32 S agrees with eq. (3) to a few units in the last place of its
 largest entries (the transforms' weights are 1 and 1/2). In bfloat16 and float16 the transforms and products
 run in float32 and S, dZ and dW are rounded once, as eq. (3)'s products accumulate: V and U rounded to bfloat16
@@ -179,4 +180,3 @@ def gradients(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
     flipped = Window((3, 3), (1, 1), (1, 1), tuple((2 - lo, 2 - hi) for lo, hi in window.padding))
     dx = forward(flipped, delta, jnp.swapaxes(w[::-1, ::-1], 2, 3))
     return dx.astype(x.dtype), dw
-
