@@ -330,12 +330,13 @@ def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db, blo
 
 
 def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, stored_phi=None,
-             block: int | None = None):
-    """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring)."""
+             block: int | None = None, dy=None):
+    """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring); ``dy``:
+    Winograd's, ``winograd.gradients``."""
     if block is not None:
         return blocked_backward(rule, window, x, w, block, delta)
     if rule == "winograd":
-        dx, dw = winograd.gradients(window, x, w, delta)
+        dx, dw = winograd.gradients(window, x, w, delta, dy)
         return dx, dw.astype(w.dtype), _bias_gradient(delta)
     if rule == "im2col":
         return _im2col_backward(window, x, w, delta, stored_phi)
@@ -367,11 +368,12 @@ def _input_gradient(window: Window, x, w, delta):
     return unpatches(cols, window, x.shape[1:3]).astype(x.dtype)  # P_pad^T P_phi^T
 
 
-def blocked_backward(rule: str, window: Window, x, w, block: int, delta, *more, delta_of=None):
+def blocked_backward(rule: str, window: Window, x, w, block: int, delta, *more, delta_of=None, dy_of=None):
     """(dZ, dW, db) by the im2col or Winograd rule ``block`` examples at a time: dW and db summed over the blocks
     (in float32 for narrower dtypes, as XLA's products keep it; eq. 12 for im2col, eq. 14), dZ per block (eq. 18
     and col2im for im2col). With ``delta_of``, a block's Delta is ``delta_of`` of its blocks of ``delta`` and
-    ``more`` (the fused block's mask and P_pool routing, eq. 26): Delta is then never built for the whole batch."""
+    ``more`` (the fused block's mask and P_pool routing, eq. 26): Delta is then never built for the whole batch.
+    With ``dy_of`` (Winograd), a block's ``dy`` (``winograd.gradients``) is ``dy_of`` of its blocks of ``more``."""
     n, acc = x.shape[0], _args.compute_dtype(delta)
 
     def one_block(sums, blocks):
@@ -379,7 +381,7 @@ def blocked_backward(rule: str, window: Window, x, w, block: int, delta, *more, 
         delta = delta if delta_of is None else delta_of(delta, *rest)
         db = db + _bias_gradient(delta, acc)
         if rule == "winograd":
-            dx, dw_block = winograd.gradients(window, x, w, delta)
+            dx, dw_block = winograd.gradients(window, x, w, delta, None if dy_of is None else dy_of(*rest))
             return (dw + dw_block.reshape(dw.shape), db), dx
         rows = delta.reshape(-1, delta.shape[3])
         p = phi(window, x)

@@ -163,6 +163,15 @@ def route(win: Window, index: jax.Array, delta: jax.Array, in_hw) -> jax.Array:
     return unpatches(cols, win, in_hw)
 
 
+def route_by_offset(win: Window, index: jax.Array, delta: jax.Array) -> list[list[jax.Array]]:
+    """``route`` for windows that tile the input, split by position in the window: entry [i][j] of the kh x kw grid,
+    [N, Ho, Wo, C], is ``route``'s result read from row i and column j with stride (kh, kw), that is each window's
+    Delta where its first maximum was at (i, j), else 0 (built without the routed array itself)."""
+    zero = jnp.zeros((), delta.dtype)
+    kh, kw = win.size
+    return [[jnp.where(index == i * kw + j, delta, zero) for j in range(kw)] for i in range(kh)]
+
+
 def pick(win: Window, index: jax.Array, dx: jax.Array) -> jax.Array:
     """P_pool vec(dZ): the entry of ``dx`` at each window's stored first maximum (the transpose of ``route``)."""
     if _tiles(win):

@@ -161,16 +161,26 @@ def tangent(window: Window, x: jax.Array, w: jax.Array, dx, dw) -> jax.Array:
     return transform_output(_add(terms), window.out_hw(x.shape[1:3])).astype(x.dtype)
 
 
-def gradients(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array):
+def gradients(window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, dy=None):
     """(dZ, dW) from Delta = dxi/dS by the transposes of the forward pass's maps (module docstring); dZ by
     Winograd's forward pass over pad(Delta) with the flipped kernel. dW is left in the dtype the products ran in
     (float32 for bfloat16 and float16), for the caller to sum over blocks of examples before rounding it once;
-    db = Delta 1 (eq. 14) is the caller's too (``conv.backward``, as for the other rules)."""
+    db = Delta 1 (eq. 14) is the caller's too (``conv.backward``, as for the other rules).
+
+    ``dy``, where the caller has it without reading Delta: the 2x2 grid of Delta's entries by position in each
+    tile's block, dY[p][q] = Delta[:, p::2, q::2], [N, th, tw, C_out] or a row or column short (zeros). The fused
+    block's 2x2 max pooling routes each window's Delta to one of them (``pool.route_by_offset``), so dM is then
+    built from the pooled Delta, a quarter of Delta's size, instead of four strided reads of Delta."""
     _, out_hw, (th, tw) = _tiles(window, x.shape[1:3])
     c_in, c_out = x.shape[3], w.shape[3]
     xc, deltac = _wide(x, delta)
-    full = jnp.pad(deltac, ((0, 0), (0, OUT * th - out_hw[0]), (0, OUT * tw - out_hw[1]), (0, 0)))
-    dm = _transform(A_T, [[full[:, p::OUT, q::OUT] for q in range(OUT)] for p in range(OUT)], transpose=True)
+    if dy is None:
+        full = jnp.pad(deltac, ((0, 0), (0, OUT * th - out_hw[0]), (0, OUT * tw - out_hw[1]), (0, 0)))
+        dy = [[full[:, p::OUT, q::OUT] for q in range(OUT)] for p in range(OUT)]
+    else:
+        dy = [[jnp.pad(d.astype(deltac.dtype), ((0, 0), (0, th - d.shape[1]), (0, tw - d.shape[2]), (0, 0)))
+               for d in row] for row in dy]
+    dm = _transform(A_T, dy, transpose=True)
     v = transform_input(window, xc)
     du = [[jnp.matmul(v_ab.reshape(-1, c_in).T, dm_ab.reshape(-1, c_out)) for v_ab, dm_ab in zip(v_a, dm_a)]
           for v_a, dm_a in zip(v, dm)]  # V^T dM, summed over the tiles

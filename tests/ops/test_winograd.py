@@ -151,6 +151,7 @@ def test_fused_block_with_winograd_equals_autodiff():
     rng = np.random.default_rng(4)
     args = normal(rng, (2, 9, 8, 3), dtype), normal(rng, (3, 3, 3, 4), dtype), normal(rng, (4,), dtype)
     variants = {"autodiff": {"grad": "autodiff", "rule": "im2col"}, "fused winograd": {"rule": "winograd"},
+                "fused winograd in blocks": {"rule": "winograd", "block": 1},
                 "autodiff winograd": {"grad": "autodiff", "rule": "winograd"}}
     assert_modes_agree(lambda *a, **m: jc.conv_relu_pool(*a, padding=1, **m), args, "xwb", dtype,
                        "conv_relu_pool winograd", variants)
