@@ -21,6 +21,11 @@ off the forward pass as eq. (12) is from eq. (3); with Delta = dxi/dS padded to 
     dW    = G^T dU G                   per (C_in, C_out) pair
     db    = Delta 1                    eq. (14)
 
+In Lin's fused block with 2x2 max pooling (``block.py``) the pooling windows are these 2x2 blocks, and each holds
+one nonzero of Delta, at its first maximum (eq. 26): dY is then read from the pooled Delta and P_pool's index
+(``gradients``'s ``dy``), a quarter of Delta's size, instead of four strided reads of Delta, which is built for
+dZ alone (the fused steps in blocks took 0.83-0.94x the time in eight of nine runs; BENCHMARKS.md).
+
 The input gradient could follow the same way (dV_xi = dM_xi U_xi^T, then B dV B^T added back at each tile: a
 col2im of overlapping 4x4 tiles), but that overlap-add cost more than the products it follows (on simplenn-cifar
 the step was 1.5x slower than im2col's; BENCHMARKS.md). At stride 1 it is itself a 3x3 correlation, Ray's
@@ -32,8 +37,8 @@ dI = pad(dJ) * flip(K) (the flip rule, ``conv.py``)::
 by this module's forward pass too: B^T d B of Delta's tiles, 16 products, A^T M A, no overlap. The tangent rule
 is the bilinear differential dS = A^T [V(dZ) U + V U(dW)] A + db 1^T. V is recomputed in the backward pass, as
 phi(pad(Z)) is with ``store_phi=False`` (keeping it measured no faster). ``block=`` (``conv.py``) runs both
-passes a block of examples at a time, dW summed over the blocks: the fused block's gradient then needs 0.30-0.32x
-the temporary memory of XLA's chain instead of 0.84x, and the fused steps took 0.81-0.95x the whole batch's time on
+passes a block of examples at a time, dW summed over the blocks: the fused block's gradient then needs 0.30-0.36x
+the temporary memory of XLA's chain instead of 0.81-0.84x, and the fused steps took 0.81-0.95x the whole batch's time on
 a 2-core AMD EPYC (BENCHMARKS.md, "The fused block a block of examples at a time").
 Rounding differs from the direct sum: in float32 S agrees with eq. (3) to a few units in the last place of its
 largest entries (the transforms' weights are 1 and 1/2). In bfloat16 and float16 the transforms and products
