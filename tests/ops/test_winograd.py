@@ -162,6 +162,24 @@ def test_fused_block_with_winograd_equals_autodiff():
     assert_close(dz, dz_ref, dtype, "conv_relu_pool_jvp winograd tangent")
 
 
+def test_fused_block_with_winograd_routes_ties_to_the_first_maximum():
+    """dM from the pooled Delta (``pool.route_by_offset``) routes a tied window's Delta to its first maximum, as
+    ``pool.route`` does for im2col: with integer inputs both rules compute S exactly, so they tie alike."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(-1, 2, size=(2, 8, 6, 2)), jnp.float64)
+    w = jnp.asarray(rng.integers(-1, 2, size=(3, 3, 2, 3)), jnp.float64)
+    t = jc.conv2d(x, w, padding=1, rule="im2col").reshape(2, 4, 2, 3, 2, 3)
+    peak = t.max(axis=(2, 4), keepdims=True)
+    assert int((((t == peak).sum(axis=(2, 4)) > 1) & (peak[:, :, 0, :, 0] > 0)).sum()) >= 5  # tied, ReLU passed
+    g = jnp.asarray(rng.normal(size=(2, 4, 3, 3)))
+    grads = {(rule, block): jax.jit(jax.grad(lambda x, w, rule=rule, block=block: jnp.sum(
+        jc.conv_relu_pool(x, w, padding=1, rule=rule, block=block) * g), (0, 1)))(x, w)
+        for rule, block in (("im2col", None), ("winograd", None), ("winograd", 1))}
+    for key, (dx, dw) in grads.items():
+        assert_close(dx, grads["im2col", None][0], jnp.float64, f"dZ {key}")
+        assert_close(dw, grads["im2col", None][1], jnp.float64, f"dW {key}")
+
+
 def test_conv_bn_relu_with_winograd_equals_autodiff():
     rng = np.random.default_rng(5)
     args = (normal(rng, (4, 6, 5, 3), jnp.float64), normal(rng, (3, 3, 3, 4), jnp.float64),
