@@ -5,17 +5,18 @@ Which rule is fastest depends on the machine, not on the math: the im2col produc
 phi(pad(Z)) stored in the forward pass or built a block of examples at a time in both: ``block``) or Ray's flip rule
 (XLA's convolutions), and where the network has 3x3, stride-1 layers Winograd's F(2x2, 3x3) for those (the others
 taking the backend's default), for the whole batch or a block of examples at a time: fewer products
-(``jaxcnn.ops.winograd``). phi(pad(Z)) rebuilt for the whole batch in the backward pass is not a candidate: it was
-slower than storing it in every table of BENCHMARKS.md (CPU and GPU), and slower and heavier than blocks. On one
-2-core CPU im2col wins by 2x, on another 2-core CPU with a 6x faster matrix unit flip wins by 15%, and on GPUs flip
-wins (BENCHMARKS.md). So ``tune`` times one jitted gradient
-of the network's objective (forward and backward of every layer: what a training step computes) at the run's input
-shape, batch and dtype with each candidate given to every conv layer that names no rule of its own, on the network
-as given and on its fused form (Lin's Conv-ReLU-pool block, eq. 24-28: the same function and params), and keeps the
-fastest, or, among the candidates within ``TIE`` (5%) of it by both the minimum and the median of the timings (the
-noise of a timing, and the tolerance of the performance issue's speed goal), the one whose compiled gradient needs
-the least temporary memory (phi(pad(Z)) stored and Winograd's transformed tiles for the whole batch need 2-3x what
-blocks of either need). So a heavy candidate is chosen only where it is more than 5% faster than every lighter one.
+(``jaxcnn.ops.winograd``); in blocks, the others' phi(pad(Z)) is built in blocks too, or stored (``OTHERS_STORED``).
+phi(pad(Z)) rebuilt for the whole batch in the backward pass is not a candidate: it was slower than storing it in
+every table of BENCHMARKS.md (CPU and GPU), and slower and heavier than blocks. On one 2-core CPU im2col wins by 2x,
+on another 2-core CPU with a 6x faster matrix unit flip wins by 15%, and on GPUs flip wins (BENCHMARKS.md). So
+``tune`` times one jitted gradient of the network's objective (forward and backward of every layer: what a training
+step computes) at the run's input shape, batch and dtype with each candidate given to every conv layer that names no
+rule of its own, on the network as given and on its fused form (Lin's Conv-ReLU-pool block, eq. 24-28: the same
+function and params), and keeps the fastest, or, among the candidates within ``TIE`` (5%) of it by both the minimum
+and the median of the timings (the noise of a timing, and the tolerance of the performance issue's speed goal), the
+one whose compiled gradient needs the least temporary memory (phi(pad(Z)) stored and Winograd's transformed tiles
+for the whole batch need 2-3x what blocks of either need). So a heavy candidate is chosen only where it is more than
+5% faster than every lighter one.
 
 The whole network is timed, not each layer alone: a layer's rule changes what XLA fuses around it, and on the
 machine of BENCHMARKS.md the per-layer winners, timed one layer at a time, made the network slower than every
@@ -28,8 +29,8 @@ busy machine, can choose differently, so a run records the rules it used (its ne
 reuses them.
 
 It is the trainer's default (``TrainConfig.rule = "auto"``). A step under ``MIN_FLOPS`` that the cache does not
-hold is not timed (compiling six to ten candidates would cost more than such a run could gain): it takes the backend's
-default, written into the layers like a timed choice.
+hold is not timed (compiling six to twelve candidates would cost more than such a run could gain): it takes the
+backend's default, written into the layers like a timed choice.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ RULES = (("im2col", True, None), ("im2col", False, "auto"), ("flip", False, None
 # F(2x2, 3x3) for the open 3x3, stride-1 layers, for the whole batch at once or a block of examples at a time; the
 # other layers take the backend's default (``uniform``)
 WINOGRAD = (("winograd", False, None), ("winograd", False, "auto"))
+# ... in blocks, with phi(pad(Z)) stored for the other layers, where the backend's default is im2col and the network
+# has such layers: in blocks a first 5x5 layer over 3 channels stacks its S into a zero-filled buffer, and stored
+# it ran 1.2-1.3x faster (simplenn-cifar's step 0.93-0.96x, for 38 MB more; BENCHMARKS.md)
+OTHERS_STORED = ("winograd", True, "auto")
 # Candidates this much slower than the fastest by the minimum and by the median of their timings count as tied with
 # it, and the lightest of those is chosen. 5%: the performance issue's tolerance for the default against the best
 # rule, and about the noise of 7 rounds on a shared 2-core VM (Winograd for the whole batch and in blocks read 0-6%
@@ -75,17 +80,24 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve"
 
 def label(rule: str, store_phi: bool | None, block=None, fused: bool = False) -> str:
     """A candidate's name in logs, the cache and ``summary.json``: ``im2col (phi stored)``, ``im2col``,
-    ``im2col (phi in blocks)``, ``flip``, ``winograd``, ``winograd (in blocks)``, each with ``fused, `` in front for
-    the network with Lin's fused blocks."""
-    blocks = "" if block is None else " (in blocks)" if rule == "winograd" else " (phi in blocks)"
-    return f"{'fused, ' if fused else ''}{rule}{' (phi stored)' if store_phi else ''}{blocks}"
+    ``im2col (phi in blocks)``, ``flip``, ``winograd``, ``winograd (in blocks)``, ``winograd (in blocks), others phi
+    stored``, each with ``fused, `` in front for the network with Lin's fused blocks."""
+    if rule == "winograd":  # store_phi: that of the layers it does not compute (``OTHERS_STORED``)
+        name = f"winograd{'' if block is None else ' (in blocks)'}{', others phi stored' if store_phi else ''}"
+    else:
+        name = f"{rule}{' (phi stored)' if store_phi else ''}{'' if block is None else ' (phi in blocks)'}"
+    return f"{'fused, ' if fused else ''}{name}"
 
 
 def candidates(net: nw.Sequential) -> list[tuple[str, bool, str | None, bool]]:
     """(rule, store_phi, block, fused) to time: each rule (Winograd's where an open layer is 3x3 with stride 1), on
     the network as given and, where it has Conv -> ReLU -> MaxPool runs, on its fused form (``Sequential.fuse``: the
     same function and params)."""
-    rules = RULES + (WINOGRAD if net.with_convs(_winograd, rule="winograd") != net else ())
+    rules = RULES
+    if net.with_convs(_winograd, rule="winograd") != net:
+        others = net.with_convs(lambda layer: _open(layer) and not layer.winograd_applies(), rule="flip") != net
+        stored = others and conv.resolve("rule auto", None, None)[0] == "im2col"
+        rules += WINOGRAD + ((OTHERS_STORED,) if stored else ())
     return [(*rule, fused) for fused in ((False, True) if net.fuse() != net else (False,)) for rule in rules]
 
 
@@ -156,13 +168,15 @@ def uniform(net: nw.Sequential, rule: str, store_phi: bool, block=None, fused: b
     """``net`` (fused first if ``fused``) with every conv layer that names no rule, those in residual blocks
     included, given ``rule``, ``store_phi`` and ``block`` (a residual block's 1x1 projection takes the backend's
     default). ``rule="winograd"`` goes to the layers it computes (3x3, stride 1, no dilation), the backend's default
-    rule to the others (with ``block``, im2col's phi(pad(Z)) in blocks too, where that default is im2col)."""
+    rule to the others (with ``block``, im2col's phi(pad(Z)) in blocks too, where that default is im2col; with
+    ``store_phi``, stored: ``OTHERS_STORED``)."""
     net = net.fuse() if fused else net
     if rule == "winograd":
-        net = net.with_convs(_winograd, rule=rule, store_phi=store_phi, block=block)
+        net, others_stored = net.with_convs(_winograd, rule=rule, store_phi=False, block=block), store_phi
         rule, store_phi = conv.resolve("rule auto", None, None)
-        block = block if rule == "im2col" else None  # in blocks: the others too, where they build phi(pad(Z))
-        store_phi = store_phi and block is None
+        # in blocks: the others too, where they build phi(pad(Z)), unless they store it (``OTHERS_STORED``)
+        block = block if rule == "im2col" and not others_stored else None
+        store_phi = (store_phi or others_stored) and block is None
     return net.with_convs(_open, rule=rule, store_phi=store_phi, block=block)
 
 

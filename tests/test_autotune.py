@@ -128,6 +128,14 @@ def test_winograd_is_a_candidate_where_an_open_layer_is_3x3_with_stride_1(tmp_pa
     assert conv_rules(tuned) == [lighter, ("winograd", False, "auto")]
     first = "im2col (phi in blocks: auto)" if default[0] == "im2col" else default[0]
     assert train.conv_rules(tuned, default[0]) == {"conv1": first, "conv2": "winograd (in blocks: auto)"}  # summary
+    # the others' phi(pad(Z)) stored instead: a candidate where the backend's default builds it and such layers exist
+    stored = "fused, winograd (in blocks), others phi stored"
+    assert (stored in labels(net)) == (default[0] == "im2col") and not any("others" in name for name in labels(NET))
+    if default[0] == "im2col":
+        monkeypatch.setattr(autotune, "time_network", fake_timings(stored)[0])
+        tuned, choice = autotune.tune(net, (8, 8, 1), 4, cache=tmp_path / "third.json", log=lambda line: None)
+        assert [choice[k] for k in ("rule", "store_phi", "block", "fused")] == ["winograd", True, "auto", True]
+        assert conv_rules(tuned) == [("im2col", True, None), ("winograd", False, "auto")]
 
 
 def test_a_run_with_rule_auto_records_and_keeps_its_rules(tmp_path, monkeypatch, capsys):
