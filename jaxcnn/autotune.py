@@ -57,7 +57,8 @@ RULES = (("im2col", True, None), ("im2col", False, "auto"), ("flip", False, None
 WINOGRAD = (("winograd", False, None), ("winograd", False, "auto"))
 # ... in blocks, with phi(pad(Z)) stored for the other layers, where the backend's default is im2col and the network
 # has such layers: in blocks a first 5x5 layer over 3 channels stacks its S into a zero-filled buffer, and stored
-# it ran 1.2-1.3x faster (simplenn-cifar's step 0.93-0.96x, for 38 MB more; BENCHMARKS.md)
+# it ran 1.2-1.3x faster (simplenn-cifar's step 0.93-0.96x, for 38 MB more; chosen in one of four tunings, by 13%;
+# BENCHMARKS.md)
 OTHERS_STORED = ("winograd", True, "auto")
 # Candidates this much slower than the fastest by the minimum and by the median of their timings count as tied with
 # it, and the lightest of those is chosen. 5%: the performance issue's tolerance for the default against the best
