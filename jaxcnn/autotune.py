@@ -91,9 +91,9 @@ def label(rule: str, store_phi: bool | None, block=None, fused: bool = False) ->
 
 
 def candidates(net: nw.Sequential) -> list[tuple[str, bool, str | None, bool]]:
-    """(rule, store_phi, block, fused) to time: each rule (Winograd's where an open layer is 3x3 with stride 1), on
-    the network as given and, where it has Conv -> ReLU -> MaxPool runs, on its fused form (``Sequential.fuse``: the
-    same function and params)."""
+    """(rule, store_phi, block, fused) to time: each rule (Winograd's where an open layer is 3x3 with stride 1, and
+    ``OTHERS_STORED`` where other open layers build phi(pad(Z))), on the network as given and, where it has Conv ->
+    ReLU -> MaxPool runs, on its fused form (``Sequential.fuse``: the same function and params)."""
     rules = RULES
     if net.with_convs(_winograd, rule="winograd") != net:
         others = net.with_convs(lambda layer: _open(layer) and not layer.winograd_applies(), rule="flip") != net
