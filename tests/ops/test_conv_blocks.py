@@ -68,14 +68,17 @@ def test_blocks_keep_one_block_of_phi_at_a_time():
     assert blocks < 0.5 * whole, f"temporaries: {blocks} B in blocks of 2, {whole} B for the batch of 16"
 
 
-def shapes_computed(jaxpr) -> set:
-    """The shapes of every array a jaxpr computes, inside loops and custom rules too."""
-    shapes = set()
+def equations(jaxpr):
+    """Every equation of a jaxpr, inside loops, calls and custom rules too."""
     for eqn in jaxpr.eqns:
-        shapes |= {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+        yield eqn
         for inner in jax.extend.core.jaxprs_in_params(eqn.params):
-            shapes |= shapes_computed(inner)
-    return shapes
+            yield from equations(inner)
+
+
+def shapes_computed(jaxpr) -> set:
+    """The shapes of every array a jaxpr computes."""
+    return {tuple(v.aval.shape) for eqn in equations(jaxpr) for v in eqn.outvars if hasattr(v.aval, "shape")}
 
 
 @pytest.mark.parametrize("rule", ["im2col", "winograd"])
@@ -135,14 +138,9 @@ def test_a_network_with_blocks_round_trips_and_computes_the_same():
 
 
 def strided_reads(jaxpr, shape) -> int:
-    """How many strided slices of an array of ``shape`` ``jaxpr`` takes, in its loops and calls too."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "slice" and eqn.params["strides"] and max(eqn.params["strides"]) > 1:
-            count += tuple(eqn.invars[0].aval.shape) == shape
-        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
-            count += strided_reads(inner, shape)
-    return count
+    """How many strided slices of an array of ``shape`` a jaxpr takes."""
+    return sum(eqn.primitive.name == "slice" and max(eqn.params["strides"] or (1,)) > 1
+               and tuple(eqn.invars[0].aval.shape) == shape for eqn in equations(jaxpr))
 
 
 @pytest.mark.parametrize("block", [None, 2])
