@@ -24,7 +24,7 @@ off the forward pass as eq. (12) is from eq. (3); with Delta = dxi/dS padded to 
 In Lin's fused block with 2x2 max pooling (``block.py``) the pooling windows are these 2x2 blocks, and each holds
 one nonzero of Delta, at its first maximum (eq. 26): dY is then read from the pooled Delta and P_pool's index
 (``gradients``'s ``dy``), a quarter of Delta's size, instead of four strided reads of Delta, which is built for
-dZ alone (the fused steps in blocks took 0.83-0.94x the time in eight of nine runs; BENCHMARKS.md).
+dZ alone (the fused steps in blocks took 0.83-0.94x the time in ten of eleven runs; BENCHMARKS.md).
 
 The input gradient could follow the same way (dV_xi = dM_xi U_xi^T, then B dV B^T added back at each tile: a
 col2im of overlapping 4x4 tiles), but that overlap-add cost more than the products it follows (on simplenn-cifar
