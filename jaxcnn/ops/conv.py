@@ -332,8 +332,10 @@ def tangent(rule: str, window: Window, store_phi: bool, x, w, b, dx, dw, db, blo
 def backward(rule: str, window: Window, x: jax.Array, w: jax.Array, delta: jax.Array, stored_phi=None,
              block: int | None = None, dy=None):
     """(dZ, dW, db) from Delta = dxi/dS [N, Ho, Wo, C_out] by the chosen rule (see the module docstring); ``dy``:
-    Winograd's, ``winograd.gradients``."""
+    Winograd's, ``winograd.gradients``, for the whole batch (in blocks: ``blocked_backward``'s ``dy_of``)."""
     if block is not None:
+        if dy is not None:
+            raise ValueError("conv.backward: dy is for the whole batch; with block, give blocked_backward dy_of")
         return blocked_backward(rule, window, x, w, block, delta)
     if rule == "winograd":
         dx, dw = winograd.gradients(window, x, w, delta, dy)

@@ -157,3 +157,17 @@ def test_the_fused_winograd_block_builds_dm_from_the_pooled_delta(block):
     unfused = jax.make_jaxpr(partial(gradient, op=jc.conv2d))(x, w, b).jaxpr
     assert strided_reads(unfused, s_shape) == 4
     assert strided_reads(fused, s_shape) == 0
+
+
+def test_a_whole_batch_dy_with_blocks_is_refused():
+    """``conv.backward``'s ``dy`` (Winograd's dY for the whole batch) cannot be split into blocks there: with
+    ``block`` it is refused, not silently ignored (the fused block passes ``blocked_backward`` a ``dy_of``)."""
+    x, w, _ = inputs(jnp.float32, n=4)
+    x, w = x[:, :8, :8], w[..., :4]
+    window = conv.geometry("test", x.shape[1:3], w.shape[:2], 1, 1, 1)
+    delta = jnp.ones((4, 8, 8, 4))
+    dy = [[delta[:, p::2, q::2] for q in range(2)] for p in range(2)]
+    with pytest.raises(ValueError, match="dy is for the whole batch"):
+        conv.backward("winograd", window, x, w, delta, block=2, dy=dy)
+    assert_close(conv.backward("winograd", window, x, w, delta, dy=dy)[1],
+                 conv.backward("winograd", window, x, w, delta)[1], jnp.float32, "dW from dy")
