@@ -56,21 +56,17 @@ def main(argv=None) -> None:
                    help="file whose marked section is rewritten (skipped with --quick)")
     args = p.parse_args(argv)
     steps = 2 if args.quick else args.steps
-    ceilings = {d: bench.matmul_ceiling(512 if args.quick else None, jnp.dtype(d)) for d in ("float32", "bfloat16")
-                if d == "float32" or jax.default_backend() != "cpu"}
-    bandwidth = bench.memory_bandwidth(16 if args.quick else 256)
-    print(f"{machine()}\nmatmul ceiling: " + ", ".join(f"{d} {c:,.0f} GFLOP/s" for d, c in ceilings.items()) +
-          f"; memory bandwidth {bandwidth:,.0f} GB/s", flush=True)
+    print(machine(), flush=True)
     sections = []
     for preset, batch, dtype in cases(args.quick):
         # --quick checks this script's report: two variants (tests/test_bench.py times all of them)
         variants = {name: loss for name, loss in bench.jax_variants(network.preset(preset)).items()
                     if name in ("hand im2col", "xla autodiff")} if args.quick else None
         result = bench.run(preset, input_shape(preset), batch, steps=steps, dtype=jnp.dtype(dtype),
-                           torch=not args.quick, progress=lambda line: print(line, flush=True), variants=variants)
-        sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{result['flops'] / 1e9:.2f} GFLOP and about "
-                        f"{result['bytes'] / 1e9:.2f} GB moved per step (counted by hand); median of {steps} steps "
-                        f"per variant, timed round-robin.\n\n{bench.table(result, ceilings[dtype], bandwidth)}\n")
+                           torch=not args.quick, progress=lambda line: print(line, flush=True), variants=variants,
+                           **(dict(matmul_n=512, bandwidth_mb=16) if args.quick else {}))
+        sections.append(f"### {preset}, batch {batch}, {dtype}\n\n{bench.yardsticks_line(result)}; median of "
+                        f"{steps} steps per variant, timed round-robin.\n\n{bench.table(result)}\n")
         print(sections[-1], flush=True)
     first = cases(args.quick)[0]
     # The hand variant BENCHMARKS.md's analysis reads: im2col on a CPU; on an accelerator the fused block with its
@@ -85,10 +81,9 @@ def main(argv=None) -> None:
     memory = bench.block_memory(batch=16 if args.quick else 128)
     xla = dict(memory)["xla autodiff chain"]
     memory_rows = "\n".join(f"| {name} | {mb:.1f} | {mb / xla:.2f}x |" for name, mb in memory)
-    ceiling_line = ", ".join(f"{d} {c:,.0f} GFLOP/s" for d, c in ceilings.items())
     text = f"""Measured by `python -m experiments.benchmark` on {machine()}.
-Matmul ceiling (an n x n product of random numbers): {ceiling_line}; memory bandwidth (an in-place `x + 1`):
-{bandwidth:,.0f} GB/s.
+Each table's matmul ceiling (an n x n product of random numbers) and memory bandwidth (an in-place `x + 1`) are
+timed in the same rounds as its steps.
 
 {chr(10).join(sections)}
 ### Where the step's time goes

@@ -4,8 +4,8 @@ Every variant takes the same step: Lin's objective (softmax cross-entropy) on th
 and an Adam update, jitted (JAX) or run eagerly (PyTorch). For each: compile time, step time (median, min, max of
 ``steps`` after a warm-up), XLA's compiled memory (temporaries, arguments, outputs), FLOPs counted by hand from
 the notes (the three products of each conv layer and of each dense layer: what any implementation must compute),
-the achieved GFLOP/s and its share of a measured matmul ceiling, and the time relative to XLA's own convolution
-differentiated by autodiff (the baseline every JAX user starts from).
+the achieved GFLOP/s and its share of a matmul ceiling timed in the same rounds, and the time relative to XLA's
+own convolution differentiated by autodiff (the baseline every JAX user starts from).
 
 Variants: ``hand im2col`` (with the backend's default ``store_phi``), the same with the other setting of Lin's
 space-for-time switch and with phi(pad(Z)) built in blocks (``block="auto"``), ``hand flip``, ``hand fused`` (Lin's
@@ -138,17 +138,22 @@ def _activation_elements(net: nw.Sequential, input_shape) -> int:
 
 def memory_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
     """GB/s of a jitted ``x + 1`` over a float32 array of ``megabytes`` on the default device, each byte read once
-    and written once, in place (the input donated: a fresh output would time the first touch of new pages, 7x
-    slower on the 2-core VM, which a training step, reusing its buffers, does not pay): the roof for the step's
-    memory traffic (``count_bytes``)."""
+    and written once (``bandwidth_probe``): the roof for the step's memory traffic (``count_bytes``)."""
+    probe, nbytes = bandwidth_probe(megabytes)
+    return nbytes / median_seconds(probe, repeats=repeats) / 1e9
+
+
+def bandwidth_probe(megabytes: int = 256) -> tuple[Callable[[], None], int]:
+    """(probe, bytes it moves): each call runs a jitted ``x + 1`` over a float32 array of ``megabytes``, in place
+    (the input donated: a fresh output would time the first touch of new pages, 7x slower on the 2-core VM, which
+    a training step, reusing its buffers, does not pay)."""
     increment = jax.jit(lambda x: x + 1, donate_argnums=0)
-    x = jax.block_until_ready(increment(jnp.zeros(megabytes * 2**20 // 4, jnp.float32)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x = jax.block_until_ready(increment(x))
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / float(np.median(times)) / 1e9
+    state = [jax.block_until_ready(increment(jnp.zeros(megabytes * 2**20 // 4, jnp.float32)))]
+
+    def probe() -> None:
+        state[0] = jax.block_until_ready(increment(state[0]))
+
+    return probe, 2 * state[0].nbytes
 
 
 def roofline_ms(flops: int, nbytes: int, ceiling: float, bandwidth: float) -> float:
@@ -157,12 +162,20 @@ def roofline_ms(flops: int, nbytes: int, ceiling: float, bandwidth: float) -> fl
 
 
 def matmul_ceiling(n: int | None = None, dtype=jnp.float32) -> float:
-    """GFLOP/s of an n x n matrix product of random numbers on the default device: the roof for the conv products.
-    n defaults to 2048 on a CPU and 8192 on an accelerator (large enough to fill it). On GPUs XLA's default
-    precision lets float32 products use TF32 tensor cores: that is the rate measured, and the one the steps get."""
+    """GFLOP/s of an n x n matrix product of random numbers on the default device (``matmul_probe``): the roof
+    for the conv products."""
+    probe, flops = matmul_probe(n, dtype)
+    return flops / median_seconds(probe) / 1e9
+
+
+def matmul_probe(n: int | None = None, dtype=jnp.float32) -> tuple[Callable[[], None], int]:
+    """(probe, its FLOPs): each call runs a jitted n x n matrix product of random numbers. n defaults to 2048 on
+    a CPU and 8192 on an accelerator (large enough to fill it). On GPUs XLA's default precision lets float32
+    products use TF32 tensor cores: that is the rate measured, and the one the steps get."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    return 2 * n**3 / median_seconds(jax.jit(lambda a: a @ a), a) / 1e9
+    product = jax.jit(lambda a: a @ a)
+    return (lambda: jax.block_until_ready(product(a))), 2 * n**3
 
 
 def pool_times(batch: int = 128, shapes=((28, 28, 32), (14, 14, 64), (7, 7, 64))) -> list[tuple]:
@@ -492,12 +505,16 @@ def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool,
 
 
 def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32, seed: int = 0,
-        torch: bool = True, progress: Callable[[str], None] | None = None, variants: dict | None = None) -> dict:
+        torch: bool = True, progress: Callable[[str], None] | None = None, variants: dict | None = None,
+        matmul_n: int | None = None, bandwidth_mb: int = 256) -> dict:
     """Measure every available variant of ``preset`` (or the given ``variants``: name -> loss(params, x, y)).
 
     All variants are compiled and warmed up first, then timed round-robin, one step of each per round, so that
-    the machine's drifting speed affects them alike; returns {"measurements", "flops", ...}.
-    """
+    the machine's drifting speed affects them alike; returns {"measurements", "flops", "ceiling", "bandwidth",
+    ...}. The yardsticks, the matmul ceiling (GFLOP/s of ``matmul_probe(matmul_n)``) and the memory bandwidth (GB/s
+    of ``bandwidth_probe(bandwidth_mb)``), are timed in the same rounds: measured once before them, on a shared
+    2-core VM, the ceiling read 97 GFLOP/s in one run and 185 in the next, and the steps' share of it 112% and
+    70% (BENCHMARKS.md)."""
     net = nw.preset(preset)
     params, x, y = _inputs(net, input_shape, batch, dtype, seed)
     runners: dict[str, Callable] = {}
@@ -537,9 +554,13 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
             del runners[name]
             if progress:
                 progress(f"{preset} b{batch}: no {name} row: torch.compile failed ({type(err).__name__}: {err})")
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    yardsticks = {"ceiling": matmul_probe(matmul_n, dtype), "bandwidth": bandwidth_probe(bandwidth_mb)}
+    timed = {**runners, **{(name,): probe for name, (probe, _) in yardsticks.items()}}  # tuples: never a variant
+    for probe, _ in yardsticks.values():
+        probe()  # warm-up (compilation)
+    times: dict = {name: [] for name in timed}
     for _ in range(steps):
-        for name, runner in runners.items():
+        for name, runner in timed.items():
             start = time.perf_counter()
             runner()
             times[name].append(time.perf_counter() - start)
@@ -552,17 +573,27 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         results.append(Measurement(name, *_stats(times[name]), note=getattr(runner, "note", ""), **extra))
         if progress:
             progress(f"{preset} b{batch}: {name} {results[-1].median_ms:.1f} ms")
+    ceiling, bandwidth = (work / float(np.median(times[(name,)])) / 1e9 for name, (_, work) in yardsticks.items())
     return {"preset": preset, "batch": batch, "dtype": str(jnp.dtype(dtype)), "measurements": results,
             "flops": count_flops(net, input_shape, batch), "bytes": count_bytes(net, input_shape, batch, dtype),
-            "steps": steps}
+            "steps": steps, "ceiling": ceiling, "bandwidth": bandwidth}
 
 
-def table(result: dict, ceiling: float, bandwidth: float | None = None) -> str:
-    """A Markdown table of one ``run``: times, ratios to the XLA autodiff baseline, GFLOP/s, times the roofline
-    time (``roofline_ms``, given the memory ``bandwidth``), memory."""
+def yardsticks_line(result: dict) -> str:
+    """One ``run``'s work and yardsticks in a sentence: FLOPs and bytes per step, the matmul ceiling and memory
+    bandwidth timed in its rounds, and the roofline time they give."""
+    roof = roofline_ms(result["flops"], result["bytes"], result["ceiling"], result["bandwidth"])
+    return (f"{result['flops'] / 1e9:.2f} GFLOP and about {result['bytes'] / 1e9:.2f} GB moved per step (counted by "
+            f"hand); matmul ceiling {result['ceiling']:.0f} GFLOP/s and memory bandwidth {result['bandwidth']:.0f} "
+            f"GB/s (medians, timed in the same rounds as the steps): roofline {roof:.1f} ms per step")
+
+
+def table(result: dict) -> str:
+    """A Markdown table of one ``run``: times, ratios to the XLA autodiff baseline, GFLOP/s and their share of the
+    run's matmul ceiling, times the roofline time (``roofline_ms``, with the run's bandwidth), memory."""
     base = next((m.median_ms for m in result["measurements"] if m.name == "xla autodiff"), None)
-    gflop = result["flops"] / 1e9
-    roof = bandwidth and roofline_ms(result["flops"], result["bytes"], ceiling, bandwidth)
+    gflop, ceiling = result["flops"] / 1e9, result["ceiling"]
+    roof = roofline_ms(result["flops"], result["bytes"], ceiling, result["bandwidth"])
     rows = ["| variant | ms (median) | min-max | vs xla autodiff | GFLOP/s | % of ceiling | x roofline | compile s | "
             "temp MB | args MB | out MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in result["measurements"]:
@@ -570,7 +601,7 @@ def table(result: dict, ceiling: float, bandwidth: float | None = None) -> str:
         fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
         rows.append(f"| {m.name} | {m.median_ms:.1f} | {m.min_ms:.1f}-{m.max_ms:.1f} | "
                     f"{fmt(base and m.median_ms / base, '{:.2f}x')} | {rate:.1f} | {rate / ceiling:.0%} | "
-                    f"{fmt(roof and m.median_ms / roof, '{:.1f}x')} | {fmt(m.compile_s)} | {fmt(m.temp_mb)} | "
+                    f"{m.median_ms / roof:.1f}x | {fmt(m.compile_s)} | {fmt(m.temp_mb)} | "
                     f"{fmt(m.argument_mb)} | {fmt(m.output_mb)} |")
     return "\n".join(rows)
 

@@ -422,14 +422,10 @@ def cmd_bench(args) -> int:
         return 0
     print(f"jaxcnn bench: {args.preset} ({'x'.join(map(str, shape))}), batch {args.batch_size}, {args.dtype}, "
           f"{args.steps} steps per variant, on {make_mesh(1).devices.flat[0].device_kind}")
-    ceiling, bandwidth = bench.matmul_ceiling(dtype=jnp.dtype(args.dtype)), bench.memory_bandwidth()
     result = bench.run(args.preset, shape, args.batch_size, steps=args.steps, dtype=jnp.dtype(args.dtype),
                        torch=args.torch, progress=lambda line: print(f"  {line}", flush=True))
-    roof = bench.roofline_ms(result["flops"], result["bytes"], ceiling, bandwidth)
-    print(f"\n{result['flops'] / 1e9:.2f} GFLOP and about {result['bytes'] / 1e9:.2f} GB moved per step (counted by "
-          f"hand); matmul ceiling {ceiling:.0f} GFLOP/s, memory bandwidth {bandwidth:.0f} GB/s (measured now): "
-          f"roofline {roof:.1f} ms per step\n")
-    print(bench.table(result, ceiling, bandwidth))
+    print(f"\n{bench.yardsticks_line(result)}\n")
+    print(bench.table(result))
     from importlib.util import find_spec
 
     if find_spec("flax") is None:

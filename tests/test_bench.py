@@ -133,7 +133,15 @@ def test_bench_command_times_every_variant(monkeypatch, capsys):
     # rule="auto"'s row with two candidates to time (tests/test_autotune.py times them all)
     monkeypatch.setattr(autotune, "candidates", lambda net: candidates(net)[:2])
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: results.append(run(*args, **kwargs)) or results[-1])
+    probe_calls, matmul_probe = [], bench.matmul_probe
+
+    def counted_probe(*args):  # the matmul ceiling is timed in the steps' rounds: a warm-up, then once per round
+        probe, flops = matmul_probe(*args)
+        return (lambda: probe_calls.append(probe())), flops
+
+    monkeypatch.setattr(bench, "matmul_probe", counted_probe)
     assert cli.main(["bench", "--preset", "digits-cnn", "--batch-size", "8", "--steps", "2"]) == 0
+    assert len(probe_calls) == 1 + 2
     assert "JAXCNN_TEST_STAND_IN" not in os.environ  # the environment later subprocesses inherit is restored
     [result] = results
     names = [m.name for m in result["measurements"]]
@@ -147,6 +155,8 @@ def test_bench_command_times_every_variant(monkeypatch, capsys):
                if not m.name.startswith(("flax", "pytorch")))
     out = capsys.readouterr().out
     assert "GB moved per step (counted by hand)" in out and "roofline" in out and "x roofline" in out
+    assert f"matmul ceiling {result['ceiling']:.0f} GFLOP/s" in out and "timed in the same rounds" in out
+    assert result["ceiling"] > 0 and result["bandwidth"] > 0
     assert "| hand im2col |" in out and "| xla autodiff |" in out and "| 1.00x |" in out and "| pytorch |" in out
 
 
