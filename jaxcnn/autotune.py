@@ -23,10 +23,10 @@ machine of BENCHMARKS.md the per-layer winners, timed one layer at a time, made 
 uniform rule (simplenn-mnist, batch 128: 112.8 ms a step against 88.0-104.2 ms).
 
 Timing happens before anything is traced, from the shapes alone; the winner for each network geometry is stored
-under the machine's key (CPU model and vector extensions, or GPU name; JAX version) in ``cache_file()``, so that
-later runs on the same machine reuse it without timing. Timing is noisy: two machines, or two fresh timings on a
-busy machine, can choose differently, so a run records the rules it used (its network config), and ``--resume``
-reuses them.
+under the machine's key (CPU model, family and model numbers and vector extensions, or GPU name; JAX version)
+in ``cache_file()``, so that later runs on the same machine reuse it without timing. Timing is noisy: two
+machines, or two fresh timings on a busy machine, can choose differently, so a run records the rules it used (its
+network config), and ``--resume`` reuses them.
 
 It is the trainer's default (``TrainConfig.rule = "auto"``). A step under ``MIN_FLOPS`` that the cache does not
 hold is not timed (compiling six to twelve candidates would cost more than such a run could gain): it takes the
@@ -116,18 +116,24 @@ def machine_key() -> str:
     return f"cpu {model} [{isa}]; {os.cpu_count()} cores; jax {jax.__version__}"
 
 
-def cpu() -> tuple[str, str]:
-    """This CPU's model name and the vector extensions of ``ISA_FLAGS`` it has (from /proc/cpuinfo; "" unknown)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-    except OSError:
-        pass
+def cpu(cpuinfo: str | None = None) -> tuple[str, str]:
+    """This CPU's model and the vector extensions of ``ISA_FLAGS`` it has, from ``cpuinfo`` (the text of
+    /proc/cpuinfo, read when None; "" unknown). The model is its name with its family and model numbers where
+    /proc/cpuinfo gives them: a VM may name a Zen 3 and a Zen 4 both "AMD EPYC" (family 25, models 1 and 17),
+    and the faster rule differs between them (BENCHMARKS.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():  # the first processor's fields
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if fields.get("cpu family") and fields.get("model"):
+        model = f"{model} (family {fields['cpu family']}, model {fields['model']})"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
     return model, " ".join(f for f in ISA_FLAGS if f in flags)
 
 

@@ -252,3 +252,18 @@ def test_among_candidates_tied_in_time_the_one_needing_least_memory_is_chosen(tm
     tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", log=lines.append)
     assert conv_rules(tuned)[0] == ("im2col", False, "auto") and choice["temp_mb"]["im2col (phi stored)"] == 90.0
     assert lines[-1].endswith("the lightest within 5% of the fastest, im2col (phi stored), by minimum and median)")
+
+
+def test_the_machine_key_tells_cpus_of_one_name_apart_by_family_and_model():
+    """Two VMs may both call their CPU "AMD EPYC" (a Zen 3 and a Zen 4): its family and model numbers, and the
+    vector extensions, keep their timings apart in the cache."""
+    def cpuinfo(model, flags):
+        return "\n".join(f"processor\t: {i}\ncpu family\t: 25\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n"
+                         f"flags\t\t: {flags}\n" for i in range(2))
+
+    zen3 = autotune.cpu(cpuinfo(1, "fpu avx avx2 fma"))
+    zen4 = autotune.cpu(cpuinfo(17, "fpu avx avx2 fma avx512f avx512_bf16"))
+    assert zen3 == ("AMD EPYC (family 25, model 1)", "avx2 fma")
+    assert zen4 == ("AMD EPYC (family 25, model 17)", "avx2 fma avx512f avx512_bf16")
+    # without family and model numbers (an ARM CPU's /proc/cpuinfo), the name alone
+    assert autotune.cpu("model name\t: Some CPU\nFeatures\t: fp asimd\n") == ("Some CPU", "asimd")
