@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="One jitted training step of a preset, measured side by side in this process: each hand rule, "
                     "the fused block, autodiff through the same forward, autodiff through XLA's convolution, Flax "
                     "(if installed) and PyTorch (if importable). Compile time apart; median, min and max of "
-                    "--steps steps timed round-robin; compiled memory; GFLOP/s against a measured matmul ceiling.",
+                    "--steps steps timed round-robin; compiled memory; GFLOP/s against a matmul ceiling timed in "
+                    "the same rounds.",
         formatter_class=Help)
     bn.add_argument("--preset", choices=list(network.presets()), default="simplenn-mnist", help="network to time")
     bn.add_argument("--batch-size", type=int, default=128, help="examples per step")
