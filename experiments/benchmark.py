@@ -69,10 +69,14 @@ def main(argv=None) -> None:
                         f"{steps} steps per variant, timed round-robin.\n\n{bench.table(result)}\n")
         print(sections[-1], flush=True)
     first = cases(args.quick)[0]
-    # The hand variant BENCHMARKS.md's analysis reads: im2col on a CPU; on an accelerator the fused block with its
-    # default rule, flip (im2col is not what runs there).
-    best = "hand im2col" if jax.default_backend() == "cpu" else "hand fused"
-    profiled = bench.profile_table(first[0], input_shape(first[0]), first[1], names=(best, "xla autodiff"))
+    # The hand variant BENCHMARKS.md's analysis reads: the step rule="auto" chose (--quick: hand im2col, untuned)
+    net = network.preset(first[0])
+    variants = bench.jax_variants(net)
+    best = "hand im2col"
+    if not args.quick:
+        best, variants[best] = bench.auto_variant(net, input_shape(first[0]), first[1])
+    profiled, by_layer = bench.profile_tables(first[0], input_shape(first[0]), first[1], names=(best, "xla autodiff"),
+                                              variants=variants)
     pool_batch = 8 if args.quick else 128
     pools = bench.pool_times(batch=pool_batch)
     pool_rows = "\n".join(f"| {'x'.join(map(str, shape))} | {xla:.2f} | {hand:.2f} | {auto:.2f} | {xla / hand:.1f}x |"
@@ -91,9 +95,11 @@ timed in the same rounds as its steps.
 {first[0]}, batch {first[1]}: XLA's op times per step from `jax.profiler` (5 steps), grouped by the JAX operation
 each op comes from (`forward`/`backward` and the primitive; `xla ...`: ops XLA added that carry no JAX origin, on
 the CPU the argmax decomposition of `reduce_window` max's gradient). Ops that run concurrently overlap, so "all ops"
-can exceed the step time. `jaxcnn bench --profile` prints the same.
+can exceed the step time. `jaxcnn bench --profile` prints the same, and by layer:
 
 {profiled}
+
+{by_layer}
 
 ### Max pooling alone
 

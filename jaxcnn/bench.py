@@ -15,7 +15,8 @@ autodiff`` (``lax.conv_general_dilated`` + ``lax.reduce_window``), ``flax`` (lin
 jaxcnn[bench]``), ``pytorch`` and ``pytorch channels_last`` (if torch is importable; on the GPU when JAX runs on
 one).
 
-Also: ``profile`` (a step's per-op time from ``jax.profiler``, grouped by the JAX operation each op comes from),
+Also: ``profile`` (a step's per-op time from ``jax.profiler``, grouped by the JAX operation each op comes from
+or by layer),
 ``pool_times`` (max pooling's gradient alone, hand vs XLA) and ``block_memory`` (the fused block's compiled
 temporary memory against XLA's autodiff chain).
 """
@@ -199,44 +200,50 @@ def pool_times(batch: int = 128, shapes=((28, 28, 32), (14, 14, 64), (7, 7, 64))
 
 def xla_apply(net: nw.Sequential, params: dict, x: jax.Array) -> jax.Array:
     """The network written with XLA's own primitives (``lax.conv_general_dilated``, ``lax.reduce_window``,
-    ``jax.nn``), as a JAX user would without this library: the autodiff baseline."""
-    for name, layer in zip(net.names, net.layers):
-        p = params[name] if name else {}
-        if isinstance(layer, nw.Conv):
-            win = layer.geometry(x.shape[1:])
-            x = lax.conv_general_dilated(x, p["w"], win.stride, win.padding, rhs_dilation=win.dilation,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            x = x + p["b"] if "b" in p else x
-            if isinstance(layer, nw.ConvReLUPool):
-                k = layer.pool_geometry().size
-                x = lax.reduce_window(jax.nn.relu(x), -jnp.inf, lax.max, (1, *k, 1), (1, *k, 1), "VALID")
-            if isinstance(layer, nw.ConvBNReLU):
-                bn = nw.BatchNorm(layer.momentum, layer.eps)
-                x = jax.nn.relu(xla_apply(nw.Sequential([bn]), {"bn1": p}, x))
-        elif isinstance(layer, nw.MaxPool):  # and AvgPool
-            win = layer.geometry(x.shape[1:])
-            pads = ((0, 0), *win.padding, (0, 0))
-            if isinstance(layer, nw.AvgPool):
-                x = lax.reduce_window(x, 0.0, lax.add, (1, *win.size, 1), (1, *win.stride, 1), pads)
-                x = x / (win.size[0] * win.size[1])
-            else:
-                x = lax.reduce_window(x, -jnp.inf, lax.max, (1, *win.size, 1), (1, *win.stride, 1), pads)
-        elif isinstance(layer, nw.Dense):
-            x = x @ p["w"] + p["b"] if "b" in p else x @ p["w"]
-        elif isinstance(layer, nw.Flatten):
-            x = x.reshape(x.shape[0], -1)
-        elif isinstance(layer, nw.BatchNorm):  # training mode: the batch's statistics
-            axes = tuple(range(x.ndim - 1))
-            mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
-            x = p["gamma"] * (x - mean) * lax.rsqrt(var + layer.eps) + p["beta"]
-        elif isinstance(layer, nw.Residual):
-            proj = layer.shortcut(tuple(x.shape[1:]))
-            skip = x if proj is None else xla_apply(nw.Sequential([proj]), {"conv1": p["proj"]}, x)
-            x = xla_apply(layer.body, p, x) + skip
-        elif isinstance(layer, nw.Dropout):
-            pass  # the identity of evaluation: benchmarks time networks without it
+    ``jax.nn``), as a JAX user would without this library: the autodiff baseline. Each layer runs in the scope
+    ``Sequential.forward`` gives it, so that profiles by layer compare like with like."""
+    for name, layer, scope in zip(net.names, net.layers, net.scopes):
+        with jax.named_scope(scope):
+            x = _xla_layer(layer, params[name] if name else {}, x)
+    return x
+
+
+def _xla_layer(layer: nw.Layer, p: dict, x: jax.Array) -> jax.Array:
+    if isinstance(layer, nw.Conv):
+        win = layer.geometry(x.shape[1:])
+        x = lax.conv_general_dilated(x, p["w"], win.stride, win.padding, rhs_dilation=win.dilation,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = x + p["b"] if "b" in p else x
+        if isinstance(layer, nw.ConvReLUPool):
+            k = layer.pool_geometry().size
+            x = lax.reduce_window(jax.nn.relu(x), -jnp.inf, lax.max, (1, *k, 1), (1, *k, 1), "VALID")
+        if isinstance(layer, nw.ConvBNReLU):
+            bn = nw.BatchNorm(layer.momentum, layer.eps)
+            x = jax.nn.relu(_xla_layer(bn, p, x))
+    elif isinstance(layer, nw.MaxPool):  # and AvgPool
+        win = layer.geometry(x.shape[1:])
+        pads = ((0, 0), *win.padding, (0, 0))
+        if isinstance(layer, nw.AvgPool):
+            x = lax.reduce_window(x, 0.0, lax.add, (1, *win.size, 1), (1, *win.stride, 1), pads)
+            x = x / (win.size[0] * win.size[1])
         else:
-            x = XLA_ELEMENTWISE[layer.type](x, **layer.settings())
+            x = lax.reduce_window(x, -jnp.inf, lax.max, (1, *win.size, 1), (1, *win.stride, 1), pads)
+    elif isinstance(layer, nw.Dense):
+        x = x @ p["w"] + p["b"] if "b" in p else x @ p["w"]
+    elif isinstance(layer, nw.Flatten):
+        x = x.reshape(x.shape[0], -1)
+    elif isinstance(layer, nw.BatchNorm):  # training mode: the batch's statistics
+        axes = tuple(range(x.ndim - 1))
+        mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+        x = p["gamma"] * (x - mean) * lax.rsqrt(var + layer.eps) + p["beta"]
+    elif isinstance(layer, nw.Residual):
+        proj = layer.shortcut(tuple(x.shape[1:]))
+        skip = x if proj is None else _xla_layer(proj, p["proj"], x)
+        x = xla_apply(layer.body, p, x) + skip
+    elif isinstance(layer, nw.Dropout):
+        pass  # the identity of evaluation: benchmarks time networks without it
+    else:
+        x = XLA_ELEMENTWISE[layer.type](x, **layer.settings())
     return x
 
 
@@ -269,6 +276,17 @@ def jax_variants(net: nw.Sequential) -> dict[str, Callable]:
     return {k: v for k, v in variants.items() if v is not None}
 
 
+def auto_variant(net: nw.Sequential, input_shape, batch: int, dtype=jnp.float32,
+                 log: Callable[[str], None] | None = None) -> tuple[str, Callable]:
+    """The step of ``rule="auto"``: its name, "hand auto: <the rules chosen>", and its loss(params, x, y), with
+    the rules timed now or read from the cache (``autotune.tune``; ``log`` gets its lines)."""
+    from jaxcnn import autotune
+
+    tuned, choice = autotune.tune(net, input_shape, batch, dtype, log=log or (lambda line: None))
+    chosen = autotune.label(choice["rule"], choice["store_phi"], choice["block"], choice["fused"])
+    return f"hand auto: {chosen}", lambda p, x, y: obj.objective(p, tuned, x, y)[0]
+
+
 def winograd(net: nw.Sequential) -> nw.Sequential:
     """``net`` with ``rule="winograd"`` for its 3x3, stride-1 conv layers; the others keep the backend's default."""
     return net.with_convs(lambda layer: layer.winograd_applies(), rule="winograd")
@@ -299,12 +317,9 @@ class JaxStep:
         self.state = (params, opt_state)
 
 
-def profile(step: JaxStep, steps: int = 5) -> list[tuple[str, float, int]]:
-    """Where a compiled step's time goes: XLA's per-op times from ``jax.profiler``, grouped by the JAX operation
-    each op comes from (its HLO metadata: "forward" or "backward", and the primitive, e.g. dot_general for the
-    products, slice and concatenate for phi(pad(Z)), select_n for masks and routing). Returns (group, ms per
-    step, number of ops), largest first. Ops that XLA runs concurrently overlap, so the sum can exceed the step."""
-    origin = _op_origins(step.compiled.as_text())
+def op_times(step: JaxStep, steps: int = 5) -> dict[str, list[float]]:
+    """XLA's op times of a compiled step from ``jax.profiler``: HLO instruction -> its runs' durations, ms per
+    step (an instruction in a loop body runs once per iteration)."""
     step()
     with tempfile.TemporaryDirectory() as log_dir:
         jax.profiler.start_trace(log_dir)
@@ -316,35 +331,91 @@ def profile(step: JaxStep, steps: int = 5) -> list[tuple[str, float, int]]:
             raise RuntimeError(f"jax.profiler wrote no trace under {log_dir}")
         with gzip.open(traces[-1]) as f:
             events = json.load(f)["traceEvents"]
-    groups: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {}
     for event in events:
         # CPU events carry the HLO instruction's name; GPU kernel events name it in their arguments.
-        name = event.get("name") if event.get("name") in origin else event.get("args", {}).get("hlo_op")
-        if event.get("ph") == "X" and name in origin:
-            groups.setdefault(origin[name], []).append(event["dur"] / 1e3 / steps)
-    rows = [(group, sum(times), round(len(times) / steps)) for group, times in groups.items()]
+        name = event.get("name") if event.get("ph") == "X" else None
+        name = event.get("args", {}).get("hlo_op", name) if name is not None else None
+        if name is not None:
+            times.setdefault(name, []).append(event["dur"] / 1e3 / steps)
+    return times
+
+
+def profile(step: JaxStep, steps: int = 5, by: str = "op") -> list[tuple[str, float, int]]:
+    """Where a compiled step's time goes: XLA's per-op times (``op_times``) grouped by where each op comes from,
+    read from its HLO metadata. ``by="op"``: "forward" or "backward" and the JAX primitive (dot_general for the
+    products, slice and concatenate for phi(pad(Z)), select_n for masks and routing); ``by="layer"``: the
+    network layer (``Sequential.scopes``: ``0:conv1``, ``3:res1/0:conv1``; ``loss`` outside the layers) and
+    "forward" or "backward", or ``update`` for the optimizer's. Returns (group, ms per step, ops per step),
+    largest first. Ops that XLA runs concurrently overlap, so the sum can exceed the step."""
+    return _grouped(op_times(step, steps), _op_origins(step.compiled.as_text(), by), steps)
+
+
+def _grouped(times: dict[str, list[float]], origin: dict[str, str], steps: int) -> list[tuple[str, float, int]]:
+    groups: dict[str, list[float]] = {}
+    for name, durations in times.items():
+        if name in origin:
+            groups.setdefault(origin[name], []).extend(durations)
+    rows = [(group, sum(durations), round(len(durations) / steps)) for group, durations in groups.items()]
     return sorted(rows, key=lambda row: -row[1])
 
 
-def profile_table(preset: str, input_shape, batch: int, names=("hand im2col", "xla autodiff"), top: int = 10,
-                  seed: int = 0) -> str:
-    """A Markdown table of ``profile`` for the named variants of ``preset`` side by side (float32): the ``top``
-    groups of each, with their ms per step and share of the summed op time."""
+def profile_tables(preset: str, input_shape, batch: int, names=("hand im2col", "xla autodiff"), top: int = 10,
+                   seed: int = 0, variants: dict[str, Callable] | None = None) -> tuple[str, str]:
+    """Markdown tables of ``profile`` for the named variants of ``preset`` (``jax_variants``, or the given
+    ``variants``: name -> loss) side by side (float32), each variant traced once: by op, the ``top`` groups of
+    each with their ms per step and share of the summed op time; by layer, every layer in the network's order,
+    its forward and backward."""
     net = nw.preset(preset)
     params, x, y = _inputs(net, input_shape, batch, jnp.float32, seed)
-    variants = jax_variants(net)
-    columns = []
+    variants = variants or jax_variants(net)
+    by_op, by_layer, steps = {}, {}, 5
     for name in names:
-        rows = profile(JaxStep(variants[name], params, x, y))
+        step = JaxStep(variants[name], params, x, y)
+        times, hlo = op_times(step, steps), step.compiled.as_text()
+        by_op[name], by_layer[name] = (_grouped(times, _op_origins(hlo, by), steps) for by in ("op", "layer"))
+    if not all(by_op.values()):
+        none = f"(the profiler recorded no XLA op events on {jax.default_backend()})"
+        return none, none
+    return _op_table(by_op, top), _layer_table(by_layer)
+
+
+def _op_table(profiles: dict[str, list], top: int) -> str:
+    columns = []
+    for rows in profiles.values():
         total = sum(ms for _, ms, _ in rows)
-        if not total:
-            return f"(the profiler recorded no XLA op events on {jax.default_backend()})"
         columns.append([f"{group} | {ms:.1f} ({ms / total:.0%})" for group, ms, _ in rows[:top]]
                        + [f"all ops | {total:.1f}"])
     depth = max(map(len, columns))
-    lines = ["| " + " | ".join(f"{name}: op | ms" for name in names) + " |", "|---|---" * len(names) + "|"]
+    lines = ["| " + " | ".join(f"{name}: op | ms" for name in profiles) + " |", "|---|---" * len(profiles) + "|"]
     for i in range(depth):
         lines.append("| " + " | ".join(c[i] if i < len(c) else " | " for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _layer_table(profiles: dict[str, list]) -> str:
+    """One row per layer (and the loss), a forward and a backward column per variant, in ms per step; the
+    optimizer's update and the ops XLA added have one number each, in the forward column."""
+    cells: dict[str, dict[tuple[str, str], float]] = {}
+    for variant, rows in profiles.items():
+        for group, ms, _ in rows:
+            where, _, part = group.rpartition(" ")
+            if group.startswith("xla ") or group == "update":  # neither forward nor backward: the first column
+                where, part = ("ops XLA added (no origin)" if where else "update (optimizer)"), "forward"
+            cell = cells.setdefault(where, {})
+            cell[variant, part] = cell.get((variant, part), 0.0) + ms
+
+    def order(where: str):  # layers by their index path, then the loss, the update, XLA's own ops
+        path = [int(s.split(":")[0]) for s in where.split("/") if re.match(r"\d+:", s)]
+        return (0, path, "") if path else (1, [], where)
+
+    header = "| layer | " + " | ".join(f"{v}: forward ms | backward ms" for v in profiles) + " |"
+    lines = [header, "|---|" + "---|---|" * len(profiles)]
+    for where in sorted(cells, key=order):
+        values = [cells[where].get((v, part)) for v in profiles for part in ("forward", "backward")]
+        lines.append(f"| {where} | " + " | ".join("" if ms is None else f"{ms:.1f}" for ms in values) + " |")
+    totals = [sum(ms for _, ms, _ in rows) for rows in profiles.values()]
+    lines.append("| all ops | " + " | ".join(f"{total:.1f} |" for total in totals) + " |")
     return "\n".join(lines)
 
 
@@ -356,15 +427,21 @@ def _inputs(net: nw.Sequential, input_shape, batch: int, dtype, seed: int):
     return net.init(jax.random.key(seed), input_shape, dtype=dtype), x, y
 
 
-def _op_origins(hlo: str) -> dict[str, str]:
-    """HLO instruction name -> "forward|backward|update primitive" from its op_name metadata (``jvp(...)``: the
-    forward pass, ``transpose(jvp(...))``: the backward pass, neither: the optimizer's update), or from that of
-    the first instruction inside the computation it calls (XLA's fusions and wrappers often carry none
-    themselves). Parameters, and the copies XLA makes of them, are skipped: their op_name is the argument's name
-    (``params['conv1']['w']``), not an operation."""
+def _op_origins(hlo: str, by: str = "op") -> dict[str, str]:
+    """HLO instruction name -> where it comes from, read from its op_name metadata (``jvp(...)``: the forward
+    pass, ``transpose(jvp(...))``: the backward pass, neither: the optimizer's update), or from that of the first
+    instruction inside the computation it calls (XLA's fusions and wrappers often carry none themselves):
+    "forward|backward|update primitive" (``by="op"``), or "layer forward|backward" or "update" (``by="layer"``,
+    the layer from ``Sequential.scopes``). Parameters, and the copies XLA makes of them, are skipped: their
+    op_name is the argument's name (``params['conv1']['w']``), not an operation."""
     def label(op_name: str) -> str:
         part = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update"
-        return f"{part} {op_name.rsplit('/', 1)[-1]}"
+        if by == "op":
+            return f"{part} {op_name.rsplit('/', 1)[-1]}"
+        if part == "update":
+            return part
+        scope = re.search(r"jvp\((\d+:[\w.-]+)\)\)*((?:/\d+:[\w.-]+)*)", op_name)  # nested: res1/conv1
+        return f"{scope.group(1) + scope.group(2) if scope else 'loss'} {part}"
 
     def unlabelled(name: str) -> str:  # an op XLA added (a layout copy, an iota): its name without the number
         return "xla " + re.sub(r"[.]\d+$", "", name)
@@ -520,12 +597,9 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
     runners: dict[str, Callable] = {}
     everything = variants is None  # this library's variants, and Flax's and PyTorch's baselines
     if everything:
-        from jaxcnn import autotune
-
         variants = jax_variants(net)
-        tuned, choice = autotune.tune(net, input_shape, batch, dtype, log=progress or (lambda line: None))
-        chosen = autotune.label(choice["rule"], choice["store_phi"], choice["block"], choice["fused"])
-        variants[f"hand auto: {chosen}"] = lambda p, x, y: obj.objective(p, tuned, x, y)[0]  # rule="auto"
+        name, loss = auto_variant(net, input_shape, batch, dtype, progress)
+        variants[name] = loss
     for name, loss in variants.items():
         runners[name] = JaxStep(loss, params, x, y)
     model = flax_model(net) if everything else None

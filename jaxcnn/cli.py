@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of the step benchmark, time the candidate conv rules on the preset anew and "
                          "store the fastest in the cache that --rule auto reads")
     bn.add_argument("--profile", action="store_true",
-                    help="also show where the step's time goes, op by op (jax.profiler), hand im2col vs xla autodiff")
+                    help="also show where the step's time goes, by op and by layer (jax.profiler): rule='auto' "
+                         "against xla autodiff")
 
     commands.add_parser("presets", help="list the bundled networks")
 
@@ -434,8 +435,16 @@ def cmd_bench(args) -> int:
     if args.torch and find_spec("torch") is None:
         print("no pytorch rows: PyTorch is not installed (`pip install torch` adds them; --no-torch hides this)")
     if args.profile:
-        print("\nXLA's op times per step, grouped by the JAX operation they come from (float32):\n")
-        print(bench.profile_table(args.preset, shape, args.batch_size))
+        net = network.preset(args.preset)
+        auto, loss = bench.auto_variant(net, shape, args.batch_size)
+        variants = {auto: loss, "xla autodiff": bench.jax_variants(net)["xla autodiff"]}
+        by_op, by_layer = bench.profile_tables(args.preset, shape, args.batch_size, names=tuple(variants),
+                                               variants=variants)
+        print("\nXLA's op times per step (jax.profiler, float32), the step of rule='auto' against XLA autodiff, "
+              "grouped by the JAX operation they come from:\n")
+        print(by_op)
+        print("\n... and by layer (ops that run concurrently overlap, so the sums can exceed the step):\n")
+        print(by_layer)
     return 0
 
 

@@ -640,6 +640,14 @@ class Sequential:
         object.__setattr__(self, "name", name)
 
     @property
+    def scopes(self) -> tuple[str, ...]:
+        """Each layer's ``jax.named_scope`` in ``forward``, "<index>:<params name or type>" (``0:conv1``,
+        ``1:relu``): the layer's operations carry it in XLA's op metadata, so that a profile (``jaxcnn bench
+        --profile``, TensorBoard's trace viewer) can tell the layers apart; a residual block's layers are nested
+        in its scope (``3:res1/0:conv1``)."""
+        return tuple(f"{i}:{name or layer.type}" for i, (name, layer) in enumerate(zip(self.names, self.layers)))
+
+    @property
     def names(self) -> tuple[str | None, ...]:
         """Each layer's key in ``params`` (``conv1``, ``dense1``, ...), or None for layers without parameters."""
         counts: dict[str, int] = {}
@@ -725,7 +733,7 @@ class Sequential:
             raise ValueError(f"{self.name} has batch norm: evaluating it needs its running averages, state= (from "
                              f"{self.name}.init_state(input_shape), training, or a saved model's .state)")
         outs, new_state = [], ({} if state is not None else None)
-        for i, (name, layer) in enumerate(zip(self.names, self.layers)):
+        for i, (name, layer, scope) in enumerate(zip(self.names, self.layers, self.scopes)):
             if name and (not isinstance(params, dict) or name not in params):
                 have = sorted(params) if isinstance(params, dict) else type(params).__name__
                 raise ValueError(f"layer {i} ({describe(layer)}): params has no entry {name!r} (it has {have}); "
@@ -739,9 +747,11 @@ class Sequential:
                 layer_rng = jax.random.fold_in(rng, i) if rng.ndim == 0 else \
                     jax.vmap(jax.random.fold_in, (0, None))(rng, i)
             try:
-                x, layer_state = layer.forward(params[name] if name else {},
-                                               state[name] if has_state and state is not None else None, x,
-                                               grad=grad, rule=rule, train=train, axis_name=axis_name, rng=layer_rng)
+                with jax.named_scope(scope):
+                    x, layer_state = layer.forward(params[name] if name else {},
+                                                   state[name] if has_state and state is not None else None, x,
+                                                   grad=grad, rule=rule, train=train, axis_name=axis_name,
+                                                   rng=layer_rng)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"layer {i} ({describe(layer)}): {err}") from None
             if has_state and new_state is not None:

@@ -140,7 +140,7 @@ def test_bench_command_times_every_variant(monkeypatch, capsys):
         return (lambda: probe_calls.append(probe())), flops
 
     monkeypatch.setattr(bench, "matmul_probe", counted_probe)
-    assert cli.main(["bench", "--preset", "digits-cnn", "--batch-size", "8", "--steps", "2"]) == 0
+    assert cli.main(["bench", "--preset", "digits-cnn", "--batch-size", "8", "--steps", "2", "--profile"]) == 0
     assert len(probe_calls) == 1 + 2
     assert "JAXCNN_TEST_STAND_IN" not in os.environ  # the environment later subprocesses inherit is restored
     [result] = results
@@ -158,6 +158,9 @@ def test_bench_command_times_every_variant(monkeypatch, capsys):
     assert f"matmul ceiling {result['ceiling']:.0f} GFLOP/s" in out and "timed in the same rounds" in out
     assert result["ceiling"] > 0 and result["bandwidth"] > 0
     assert "| hand im2col |" in out and "| xla autodiff |" in out and "| 1.00x |" in out and "| pytorch |" in out
+    # --profile: the step rule="auto" chose against XLA autodiff, by op and by layer
+    assert f"| hand auto: {chosen[0]}: op | ms | xla autodiff: op | ms |" in out
+    assert f"| layer | hand auto: {chosen[0]}: forward ms | backward ms |" in out and "\n| 0:conv1 | " in out
 
 
 def test_block_memory_rows():
@@ -182,3 +185,32 @@ def test_profile_groups_ops_by_their_jax_origin():
     assert "backward dot_general" in groups and any(g.startswith("forward ") for g in groups), groups
     assert not any("params" in g for g in groups), groups  # parameters name no operation
     assert all(ms >= 0 and n >= 1 for _, ms, n in rows) and sum(ms for _, ms, _ in rows) > 0
+
+
+def test_profile_by_layer_names_every_layer_of_both_steps_nested_ones_included():
+    """Each layer runs in its scope (``Sequential.scopes``), in our network and in the XLA baseline alike, so that
+    the profile by layer attributes the backward pass of a residual block's layers to them, not to the block."""
+    net = jc.Sequential([jc.Conv(4, 3, padding=1), jc.ReLU(), jc.Residual([jc.Conv(4, 3, padding=1), jc.ReLU(),
+                                                                        jc.Conv(4, 3, padding=1)]),
+                         jc.GlobalAvgPool(), jc.Dense(3)])
+    assert net.scopes == ("0:conv1", "1:relu", "2:res1", "3:global_avg_pool", "4:dense1")
+    params = net.init(jax.random.key(0), (6, 6, 2))
+    x, y = jnp.ones((2, 6, 6, 2), jnp.float32), jnp.zeros(2, jnp.int32)
+    variants = bench.jax_variants(net)
+    for name in ("hand im2col", "xla autodiff"):
+        hlo = jax.jit(jax.grad(variants[name])).lower(params, x, y).compile().as_text()
+        labels = set(bench._op_origins(hlo, "layer").values())
+        assert {"0:conv1 forward", "0:conv1 backward", "2:res1/0:conv1 backward", "2:res1/2:conv2 backward",
+                "4:dense1 backward"} <= labels, (name, labels)
+        assert not any(label.startswith("2:res1 ") and "backward" in label and "conv" in label for label in labels)
+
+
+def test_layer_table_orders_the_layers_by_their_index_then_the_rest():
+    rows = [("10:dense1 forward", 1.0, 1), ("2:res1/0:conv1 backward", 2.0, 1), ("update", 0.5, 3),
+            ("xla copy", 0.25, 1), ("loss forward", 0.1, 1), ("2:res1 backward", 0.3, 1), ("0:conv1 forward", 4.0, 2),
+            ("0:conv1 backward", 3.0, 2)]
+    lines = bench._layer_table({"hand": rows}).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [c[0] for c in cells] == ["0:conv1", "2:res1", "2:res1/0:conv1", "10:dense1", "loss",
+                                     "ops XLA added (no origin)", "update (optimizer)", "all ops"]
+    assert cells[0][1:] == ["4.0", "3.0"] and cells[2][1:] == ["", "2.0"] and cells[-1][1] == "11.2"
