@@ -364,8 +364,8 @@ def profile_tables(preset: str, input_shape, batch: int, names=("hand im2col", "
                    seed: int = 0, variants: dict[str, Callable] | None = None) -> tuple[str, str]:
     """Markdown tables of ``profile`` for the named variants of ``preset`` (``jax_variants``, or the given
     ``variants``: name -> loss) side by side (float32), each variant traced once: by op, the ``top`` groups of
-    each with their ms per step and share of the summed op time; by layer, every layer in the network's order,
-    its forward and backward."""
+    each with their ms per step and share of the summed op time; by layer (``_layer_table``), in the network's
+    order, each layer's forward and backward."""
     net = nw.preset(preset)
     params, x, y = _inputs(net, input_shape, batch, jnp.float32, seed)
     variants = variants or jax_variants(net)
@@ -394,29 +394,55 @@ def _op_table(profiles: dict[str, list], top: int) -> str:
 
 
 def _layer_table(profiles: dict[str, list]) -> str:
-    """One row per layer (and the loss), a forward and a backward column per variant, in ms per step; the
-    optimizer's update and the ops XLA added have one number each, in the forward column."""
+    """One row per layer with parameters, together with the parameter-free layers after it (its ReLU, its
+    pooling), so that a fused block and the separate layers it replaces share a row (``_layer_rows``); then the
+    loss, the ops XLA added and the optimizer's update, these three in the forward column. A forward and a
+    backward column per variant, in ms per step."""
     cells: dict[str, dict[tuple[str, str], float]] = {}
+    order: dict[str, tuple] = {}
     for variant, rows in profiles.items():
+        scopes = {group.rpartition(" ")[0] for group, _, _ in rows}
+        rows_of = _layer_rows(scope for scope in scopes if re.match(r"\d+:", scope))
         for group, ms, _ in rows:
             where, _, part = group.rpartition(" ")
-            if group.startswith("xla ") or group == "update":  # neither forward nor backward: the first column
-                where, part = ("ops XLA added (no origin)" if where else "update (optimizer)"), "forward"
-            cell = cells.setdefault(where, {})
+            if group.startswith("xla ") or group == "update":
+                label, key, part = ("ops XLA added (no origin)" if where else "update (optimizer)"), (2,), "forward"
+            else:
+                label, key = rows_of.get(where, (where, (1,)))  # not a layer: the loss
+            order.setdefault(label, key)
+            cell = cells.setdefault(label, {})
             cell[variant, part] = cell.get((variant, part), 0.0) + ms
-
-    def order(where: str):  # layers by their index path, then the loss, the update, XLA's own ops
-        path = [int(s.split(":")[0]) for s in where.split("/") if re.match(r"\d+:", s)]
-        return (0, path, "") if path else (1, [], where)
-
     header = "| layer | " + " | ".join(f"{v}: forward ms | backward ms" for v in profiles) + " |"
     lines = [header, "|---|" + "---|---|" * len(profiles)]
-    for where in sorted(cells, key=order):
-        values = [cells[where].get((v, part)) for v in profiles for part in ("forward", "backward")]
-        lines.append(f"| {where} | " + " | ".join("" if ms is None else f"{ms:.1f}" for ms in values) + " |")
+    for label in sorted(cells, key=lambda label: (order[label], label)):
+        values = [cells[label].get((v, part)) for v in profiles for part in ("forward", "backward")]
+        lines.append(f"| {label} | " + " | ".join("" if ms is None else f"{ms:.1f}" for ms in values) + " |")
     totals = [sum(ms for _, ms, _ in rows) for rows in profiles.values()]
     lines.append("| all ops | " + " | ".join(f"{total:.1f} |" for total in totals) + " |")
     return "\n".join(lines)
+
+
+def _layer_rows(scopes) -> dict[str, tuple[str, tuple]]:
+    """Scope path (``4:relu``, ``3:res1/1:relu``) -> (its row's label, the row's order key). A layer with
+    parameters is its own row, named by its params path (``conv2``, ``res1/conv1``: params names end in their
+    count, types never do); a parameter-free layer joins the nearest one before it in the same network, of the
+    scopes given (one variant's)."""
+    paths = {scope: [(int(i), name) for i, name in (c.split(":", 1) for c in scope.split("/"))] for scope in scopes}
+    owners: dict[tuple, list[tuple[int, str]]] = {}  # parent path -> its layers with parameters
+    for path in paths.values():
+        for depth, (i, name) in enumerate(path):
+            if name[-1].isdigit():
+                owners.setdefault(tuple(path[:depth]), []).append((i, name))
+    rows = {}
+    for scope, path in paths.items():
+        labels, key = [], []
+        for depth, (i, name) in enumerate(path):
+            before = [owner for owner in owners.get(tuple(path[:depth]), []) if owner[0] <= i]
+            i, name = max(before) if before and not name[-1].isdigit() else (i, name)
+            labels.append(name)
+            key.append(i)
+        rows[scope] = "/".join(labels), (0, *key)
+    return rows
 
 
 def _inputs(net: nw.Sequential, input_shape, batch: int, dtype, seed: int):

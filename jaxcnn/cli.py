@@ -443,7 +443,9 @@ def cmd_bench(args) -> int:
         print("\nXLA's op times per step (jax.profiler, float32), the step of rule='auto' against XLA autodiff, "
               "grouped by the JAX operation they come from:\n")
         print(by_op)
-        print("\n... and by layer (ops that run concurrently overlap, so the sums can exceed the step):\n")
+        print("\n... and by layer: each row a layer with parameters and the parameter-free layers after it (ReLU, "
+              "pooling), so that a fused block and the layers it replaces share a row; ops that run concurrently "
+              "overlap, so the sums can exceed the step:\n")
         print(by_layer)
     return 0
 

@@ -160,7 +160,7 @@ def test_bench_command_times_every_variant(monkeypatch, capsys):
     assert "| hand im2col |" in out and "| xla autodiff |" in out and "| 1.00x |" in out and "| pytorch |" in out
     # --profile: the step rule="auto" chose against XLA autodiff, by op and by layer
     assert f"| hand auto: {chosen[0]}: op | ms | xla autodiff: op | ms |" in out
-    assert f"| layer | hand auto: {chosen[0]}: forward ms | backward ms |" in out and "\n| 0:conv1 | " in out
+    assert f"| layer | hand auto: {chosen[0]}: forward ms | backward ms |" in out and "\n| conv1 | " in out
 
 
 def test_block_memory_rows():
@@ -205,12 +205,20 @@ def test_profile_by_layer_names_every_layer_of_both_steps_nested_ones_included()
         assert not any(label.startswith("2:res1 ") and "backward" in label and "conv" in label for label in labels)
 
 
-def test_layer_table_orders_the_layers_by_their_index_then_the_rest():
-    rows = [("10:dense1 forward", 1.0, 1), ("2:res1/0:conv1 backward", 2.0, 1), ("update", 0.5, 3),
-            ("xla copy", 0.25, 1), ("loss forward", 0.1, 1), ("2:res1 backward", 0.3, 1), ("0:conv1 forward", 4.0, 2),
-            ("0:conv1 backward", 3.0, 2)]
-    lines = bench._layer_table({"hand": rows}).splitlines()
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert [c[0] for c in cells] == ["0:conv1", "2:res1", "2:res1/0:conv1", "10:dense1", "loss",
-                                     "ops XLA added (no origin)", "update (optimizer)", "all ops"]
-    assert cells[0][1:] == ["4.0", "3.0"] and cells[2][1:] == ["", "2.0"] and cells[-1][1] == "11.2"
+def test_layer_table_lines_up_a_fused_network_with_its_separate_layers():
+    """Rows are layers with parameters with the parameter-free layers after them, named without their indices, so
+    that a fused block (hand: conv2 = conv, ReLU, pooling) and the layers it replaces (xla: 2-4) share a row."""
+    hand = [("4:dense1 forward", 1.0, 1), ("3:res1/0:conv1 backward", 2.0, 1), ("update", 0.5, 3),
+            ("xla copy", 0.25, 1), ("loss forward", 0.1, 1), ("3:res1 backward", 0.3, 1), ("0:conv1 forward", 4.0, 2),
+            ("1:relu forward", 0.5, 1), ("2:conv2 forward", 3.0, 1), ("3:res1/1:relu backward", 0.25, 1)]
+    xla = [("0:conv1 forward", 3.0, 1), ("1:relu forward", 1.0, 1), ("2:conv2 forward", 2.0, 1),
+           ("3:relu forward", 0.5, 1), ("4:max_pool forward", 0.75, 1), ("5:res1/0:conv1 backward", 1.5, 1),
+           ("6:dense1 forward", 2.0, 1), ("xla copy", 1.0, 1), ("xla iota", 1.0, 1)]
+    lines = bench._layer_table({"hand": hand, "xla": xla}).splitlines()
+    cells = {c[0]: c[1:] for c in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert list(cells) == ["conv1", "conv2", "res1", "res1/conv1", "dense1", "loss", "ops XLA added (no origin)",
+                           "update (optimizer)", "all ops"]
+    assert cells["conv1"] == ["4.5", "", "4.0", ""] and cells["conv2"] == ["3.0", "", "3.2", ""]
+    assert cells["res1/conv1"] == ["", "2.2", "", "1.5"]
+    assert cells["ops XLA added (no origin)"] == ["0.2", "", "2.0", ""]
+    assert cells["all ops"][0] == "11.9" and cells["all ops"][2] == "12.8"
