@@ -334,9 +334,8 @@ def op_times(step: JaxStep, steps: int = 5) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {}
     for event in events:
         # CPU events carry the HLO instruction's name; GPU kernel events name it in their arguments.
-        name = event.get("name") if event.get("ph") == "X" else None
-        name = event.get("args", {}).get("hlo_op", name) if name is not None else None
-        if name is not None:
+        if event.get("ph") == "X":
+            name = event.get("args", {}).get("hlo_op", event.get("name"))
             times.setdefault(name, []).append(event["dur"] / 1e3 / steps)
     return times
 
@@ -405,8 +404,10 @@ def _layer_table(profiles: dict[str, list]) -> str:
         rows_of = _layer_rows(scope for scope in scopes if re.match(r"\d+:", scope))
         for group, ms, _ in rows:
             where, _, part = group.rpartition(" ")
-            if group.startswith("xla ") or group == "update":
-                label, key, part = ("ops XLA added (no origin)" if where else "update (optimizer)"), (2,), "forward"
+            if group == "update":
+                label, key, part = "update (optimizer)", (2,), "forward"
+            elif group.startswith("xla "):
+                label, key, part = "ops XLA added (no origin)", (2,), "forward"
             else:
                 label, key = rows_of.get(where, (where, (1,)))  # not a layer: the loss
             order.setdefault(label, key)
