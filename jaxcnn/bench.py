@@ -610,8 +610,10 @@ def torch_step(net: nw.Sequential, input_shape, batch: int, channels_last: bool,
 
 def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32, seed: int = 0,
         torch: bool = True, progress: Callable[[str], None] | None = None, variants: dict | None = None,
-        matmul_n: int | None = None, bandwidth_mb: int = 256) -> dict:
-    """Measure every available variant of ``preset`` (or the given ``variants``: name -> loss(params, x, y)).
+        matmul_n: int | None = None, bandwidth_mb: int = 256, baselines: bool | None = None) -> dict:
+    """Measure every available variant of ``preset`` (or the given ``variants``: name -> loss(params, x, y)), with
+    ``baselines`` (default: when no ``variants`` are given) the step ``rule="auto"`` chose and the other libraries'
+    steps too: Flax's, and PyTorch's where ``torch``.
 
     All variants are compiled and warmed up first, then timed round-robin, one step of each per round, so that
     the machine's drifting speed affects them alike; returns {"measurements", "flops", "ceiling", "bandwidth",
@@ -622,14 +624,14 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
     net = nw.preset(preset)
     params, x, y = _inputs(net, input_shape, batch, dtype, seed)
     runners: dict[str, Callable] = {}
-    everything = variants is None  # this library's variants, and Flax's and PyTorch's baselines
-    if everything:
-        variants = jax_variants(net)
+    baselines = variants is None if baselines is None else baselines
+    variants = jax_variants(net) if variants is None else dict(variants)
+    if baselines:
         name, loss = auto_variant(net, input_shape, batch, dtype, progress)
         variants[name] = loss
     for name, loss in variants.items():
         runners[name] = JaxStep(loss, params, x, y)
-    model = flax_model(net) if everything else None
+    model = flax_model(net) if baselines else None
     if model is not None:
         import flax
 
@@ -640,7 +642,7 @@ def run(preset: str, input_shape, batch: int, steps: int = 20, dtype=jnp.float32
         runners["flax"] = JaxStep(loss, flax_params, x, y)
         runners["flax"].note = f"flax {flax.__version__} linen"
     environment = dict(os.environ)  # torch.compile leaves variables of its own behind: restored below
-    if everything and torch and (dtype == jnp.float32 or jax.default_backend() != "cpu"):
+    if baselines and torch and (dtype == jnp.float32 or jax.default_backend() != "cpu"):
         for channels_last, compiled in ((False, False), (True, False), (True, True)):
             step = torch_step(net, input_shape, batch, channels_last, dtype, compiled)
             if step is not None:

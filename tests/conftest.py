@@ -24,9 +24,9 @@ os.environ.setdefault("JAXCNN_CACHE_DIR", os.path.join(os.environ["JAXCNN_TEST_C
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["JAXCNN_TEST_CACHES"], "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+import jax  # noqa: E402  (after the variables above, which jax and the workers read at their start)
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # float64 tests need x64; every test passes its dtype explicitly.
 jax.config.update("jax_enable_x64", True)

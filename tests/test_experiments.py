@@ -18,14 +18,16 @@ EXPERIMENTS = {
     "mixed_precision": ["mixed_precision.md"],
     "precision": ["precision.md", "precision.png", "precision_presets.md"],
     "xla_flags": ["xla_flags.md"],
+    "targets": [],  # results_name(): one file per backend
 }
 
 
 # Left to `pytest -m slow` (about 80 test-seconds, to keep the default suite under 10 minutes on a 2-core machine):
 # the experiments whose subject the default suite tests on its own (test_bench's bench command, test_mixed_precision,
-# test_precision's CLI run, the flag test below, test_second_order's Gauss-Newton products, test_newton's runs).
+# test_precision's CLI run, the flag test below, test_second_order's Gauss-Newton products, test_newton's runs,
+# the goals test below with test_bench's).
 COVERED_ELSEWHERE = {"benchmark", "mixed_precision", "precision", "xla_flags", "gauss_newton_cost",
-                     "newton_sensitivity"}
+                     "newton_sensitivity", "targets"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in COVERED_ELSEWHERE else name
@@ -49,3 +51,31 @@ def test_a_flag_xla_does_not_know_is_reported_not_fatal():
 
     why = xla_flags.run_child("--xla_no_such_flag_in_any_version=1", "digits-cnn", 16, 1)
     assert isinstance(why, str) and "xla_no_such_flag_in_any_version" in why, why
+
+
+def test_the_goals_table_reads_each_goal_off_the_measurements():
+    """experiments.targets: each goal of the performance issue is a ratio of medians of the right two rows, met or
+    not against its target, "-" where a baseline is missing; the memory goal covers the rules auto can pick."""
+    from experiments import targets
+    from jaxcnn.bench import Measurement
+
+    def result(preset, batch, ms, ceiling):  # ms: name -> (median, min)
+        rows = [Measurement(name, median, minimum, median) for name, (median, minimum) in ms.items()]
+        return {"preset": preset, "batch": batch, "dtype": "float32", "measurements": rows, "flops": 25e9,
+                "bytes": 1e9, "ceiling": ceiling, "bandwidth": 1000.0}
+
+    memory = [("fused, flip", 3.0), ("fused, im2col", 20.0), ("fused, winograd in blocks", 7.0),
+              ("xla autodiff chain", 10.0)]
+    auto = "hand auto: fused, winograd"
+    cpu_times = {auto: (400.0, 380.0), "hand flip": (390.0, 370.0), "pytorch channels_last": (380.0, 375.0)}
+    cpu = targets.goals([result("simplenn-cifar", 128, cpu_times, 100.0)], memory, "cpu")
+    assert [row[-1] for row in cpu] == ["yes", "no", "yes", "yes", "no"], cpu
+    assert cpu[0][2].startswith("1.03x") and "best: hand flip" in cpu[0][2]  # 400 / 390
+    assert cpu[1][2].startswith("1.03x")  # the best hand variant, 390 / 380
+    assert cpu[2][2].startswith("62%")  # 25 GFLOP in 0.4 s against 100 GFLOP/s
+    assert [row[1] for row in cpu[3:]] == ["fused, flip", "fused, winograd in blocks"]  # "fused, im2col": no candidate
+    gpu_times = {auto: (2.0, 1.9), "xla autodiff": (3.0, 2.9), "pytorch channels_last, compiled": (2.5, 2.4)}
+    gpu = targets.goals([result("simplenn-cifar", 512, gpu_times, 1e5)], memory, "gpu")
+    assert [row[-1] for row in gpu[:4]] == ["yes", "-", "no", "yes"], gpu
+    assert gpu[0][2].startswith("0.67x") and gpu[2][2].startswith("0.80x")
+    assert gpu[3][2].startswith("2.0x of 1.00 ms")  # the roofline: 1 GB at 1000 GB/s (25 GFLOP take 0.25 ms)
