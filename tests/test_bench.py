@@ -163,6 +163,20 @@ def test_bench_command_times_every_variant(monkeypatch, capsys):
     assert f"| layer | hand auto: {chosen[0]}: forward ms | backward ms |" in out and "\n| conv1 | " in out
 
 
+def test_given_variants_with_the_baselines_beside_them(monkeypatch):
+    """bench.run(variants=..., baselines=True), as experiments.targets runs it on a GPU: the given variants, the
+    step rule="auto" chose and Flax's, no other variant of ours."""
+    candidates = autotune.candidates
+    monkeypatch.setattr(autotune, "candidates", lambda net: candidates(net)[:1])  # one to time: the test is the rows
+    net = jc.preset("digits-cnn")
+    given = {"xla autodiff": bench.jax_variants(net)["xla autodiff"]}
+    result = bench.run("digits-cnn", (8, 8, 1), 4, steps=1, torch=False, variants=given, baselines=True,
+                       matmul_n=64, bandwidth_mb=1)
+    names = [m.name for m in result["measurements"]]
+    assert names[0] == "xla autodiff" and names[1].startswith("hand auto: ")
+    assert names[2:] == (["flax"] if importlib.util.find_spec("flax") else []), names
+
+
 def test_block_memory_rows():
     rows = dict(bench.block_memory(batch=4, shape=(6, 6, 3), features=4))
     assert set(rows) == {"fused, flip", "fused, im2col", "fused, im2col, phi stored", "fused, im2col, phi in blocks",
