@@ -8,7 +8,7 @@ On a CPU: simplenn-mnist and simplenn-cifar at batch 128, float32, with every va
 goal names the best of them; about 12 minutes on a 2-core CPU). On a GPU: simplenn-cifar at batch 128 and 512, in
 float32 and bfloat16, the default step and the baselines the GPU goals name, nothing else: one short call on a
 lent GPU. Every ratio is of medians timed round-robin in one process (``jaxcnn.bench.run``); the goals table
-gives the minima's ratio beside it where the two could disagree.
+gives the ratio of the minima beside each.
 """
 
 from __future__ import annotations
