@@ -8,7 +8,9 @@ On a CPU: simplenn-mnist and simplenn-cifar at batch 128, float32, with every va
 goal names the best of them; about 12 minutes on a 2-core CPU). On a GPU: simplenn-cifar at batch 128 and 512, in
 float32 and bfloat16, the default step and the baselines the GPU goals name, nothing else: one short call on a
 lent GPU. Every ratio is of medians timed round-robin in one process (``jaxcnn.bench.run``); the goals table
-gives the ratio of the minima beside each.
+gives the ratio of the minima beside each. The report ends with the default step's profile against XLA autodiff's
+(simplenn-cifar in float32; on a GPU at batch 512), by op and by layer: on a GPU, the share of the block's mask,
+routing and bias gradient that a fused kernel (the issue's Pallas item) could take off.
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ def main(argv=None) -> None:
         print(sections[-1], flush=True)
     memory = bench.block_memory(batch=16 if args.quick else 128)
     rows = goals(results, memory, backend)
+    # where the default step's time goes, against XLA autodiff's: on a GPU, how much a kernel fusing the block's
+    # mask, routing and bias gradient (the issue's Pallas item) could take off
+    preset, batch = next((p, b) for p, b, d, _ in reversed(cases(args.quick, backend)) if d == "float32")
+    net = network.preset(preset)
+    auto, loss = bench.auto_variant(net, input_shape(preset), batch)
+    variants = {auto: loss, "xla autodiff": bench.jax_variants(net)["xla autodiff"]}
+    by_op, by_layer = bench.profile_tables(preset, input_shape(preset), batch, names=tuple(variants),
+                                           variants=variants)
     met = sum(row[-1] == "yes" for row in rows)
     text = f"""# The performance issue's goals on this machine
 
@@ -118,7 +128,16 @@ Measured by `python -m experiments.targets` on {machine()}.
 The fused block's memory: the gradient of one conv 3x3 + ReLU + 2x2 max-pool layer (simplenn-mnist's second,
 14x14x32 -> 64), each rule `rule="auto"` can pick, against XLA's autodiff chain (`bench.block_memory`).
 
-{chr(10).join(sections)}"""
+{chr(10).join(sections)}
+### Where the step's time goes: {preset}, batch {batch}, float32
+
+XLA's op times per step (`jax.profiler`, 5 steps; `jaxcnn bench --profile`), by the JAX operation each op comes
+from and by layer. Ops that run concurrently overlap.
+
+{by_op}
+
+{by_layer}
+"""
     print(table(["goal", "case", "measured", "target", "met"], rows), flush=True)
     print(f"wrote {write(args.out, results_name(), text)}")
 
