@@ -70,13 +70,8 @@ def main(argv=None) -> None:
         print(sections[-1], flush=True)
     first = cases(args.quick)[0]
     # The hand variant BENCHMARKS.md's analysis reads: the step rule="auto" chose (--quick: hand im2col, untuned)
-    net = network.preset(first[0])
-    variants = bench.jax_variants(net)
-    best = "hand im2col"
-    if not args.quick:
-        best, variants[best] = bench.auto_variant(net, input_shape(first[0]), first[1])
-    profiled, by_layer = bench.profile_tables(first[0], input_shape(first[0]), first[1], names=(best, "xla autodiff"),
-                                              variants=variants)
+    profile = bench.profile_tables if args.quick else bench.profile_auto
+    profiled, by_layer = profile(first[0], input_shape(first[0]), first[1])
     pool_batch = 8 if args.quick else 128
     pools = bench.pool_times(batch=pool_batch)
     pool_rows = "\n".join(f"| {'x'.join(map(str, shape))} | {xla:.2f} | {hand:.2f} | {auto:.2f} | {xla / hand:.1f}x |"

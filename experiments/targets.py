@@ -112,11 +112,7 @@ def main(argv=None) -> None:
     # where the default step's time goes, against XLA autodiff's: on a GPU, how much a kernel fusing the block's
     # mask, routing and bias gradient (the issue's Pallas item) could take off
     preset, batch = next((p, b) for p, b, d, _ in reversed(cases(args.quick, backend)) if d == "float32")
-    net = network.preset(preset)
-    auto, loss = bench.auto_variant(net, input_shape(preset), batch)
-    variants = {auto: loss, "xla autodiff": bench.jax_variants(net)["xla autodiff"]}
-    by_op, by_layer = bench.profile_tables(preset, input_shape(preset), batch, names=tuple(variants),
-                                           variants=variants)
+    by_op, by_layer = bench.profile_auto(preset, input_shape(preset), batch)
     met = sum(row[-1] == "yes" for row in rows)
     text = f"""# The performance issue's goals on this machine
 

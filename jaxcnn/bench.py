@@ -379,6 +379,15 @@ def profile_tables(preset: str, input_shape, batch: int, names=("hand im2col", "
     return _op_table(by_op, top), _layer_table(by_layer)
 
 
+def profile_auto(preset: str, input_shape, batch: int, top: int = 10) -> tuple[str, str]:
+    """``profile_tables`` of the step ``rule="auto"`` chose (``auto_variant``: from the cache, or timed now)
+    against XLA autodiff's: what ``jaxcnn bench --profile`` prints."""
+    net = nw.preset(preset)
+    auto, loss = auto_variant(net, input_shape, batch)
+    variants = {auto: loss, "xla autodiff": jax_variants(net)["xla autodiff"]}
+    return profile_tables(preset, input_shape, batch, names=tuple(variants), top=top, variants=variants)
+
+
 def _op_table(profiles: dict[str, list], top: int) -> str:
     columns = []
     for rows in profiles.values():

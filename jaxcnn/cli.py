@@ -435,11 +435,7 @@ def cmd_bench(args) -> int:
     if args.torch and find_spec("torch") is None:
         print("no pytorch rows: PyTorch is not installed (`pip install torch` adds them; --no-torch hides this)")
     if args.profile:
-        net = network.preset(args.preset)
-        auto, loss = bench.auto_variant(net, shape, args.batch_size)
-        variants = {auto: loss, "xla autodiff": bench.jax_variants(net)["xla autodiff"]}
-        by_op, by_layer = bench.profile_tables(args.preset, shape, args.batch_size, names=tuple(variants),
-                                               variants=variants)
+        by_op, by_layer = bench.profile_auto(args.preset, shape, args.batch_size)
         print("\nXLA's op times per step (jax.profiler, float32), the step of rule='auto' against XLA autodiff, "
               "grouped by the JAX operation they come from:\n")
         print(by_op)
