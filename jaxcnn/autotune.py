@@ -38,6 +38,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -204,7 +206,7 @@ def backend_default(net: nw.Sequential, log: Callable[[str], None], why: str) ->
 
 
 def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repeats: int = TIMINGS,
-                 retimings: int = RETIMINGS) -> dict[str, dict]:
+                 retimings: int = RETIMINGS, progress: bool = False) -> dict[str, dict]:
     """The fastest of ``repeats`` timings of one jitted gradient of the objective (softmax cross-entropy) on a
     random batch, for each candidate given to every open conv layer, their median, and its compiled temporary
     memory: label -> {"ms", "median_ms", "temp_mb"} (None where the backend reports no memory). The candidates are
@@ -212,7 +214,10 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     machine only ever adds time (on the shared 2-core VM a median of 5 once chose unfused im2col for
     simplenn-mnist, 7% slower than the fused block in the step table timed right after). Those within ``CLOSE``
     of the fastest are then timed ``retimings`` more rounds among themselves, their minimum and median taken over
-    all their rounds: the ones a tie can be decided between get a steadier median."""
+    all their rounds: the ones a tie can be decided between get a steadier median. ``progress``: a progress bar
+    on stderr for the compiling (a candidate at a time; most of the time on a CPU) and for the rounds."""
+    from tqdm import tqdm
+
     from jaxcnn import objective
 
     keys = jax.random.split(jax.random.key(0), 3)
@@ -223,11 +228,21 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     def gradient(tuned: nw.Sequential):
         return jax.jit(jax.grad(lambda p, x, y: objective.objective(p, tuned, x, y)[0])).lower(params, x, y).compile()
 
-    compiled = {label(*c): gradient(uniform(net, *c)) for c in candidates(net)}
+    def bar(what: str, total: int, unit: str):
+        return tqdm(total=total, desc=f"rule auto: {what}", unit=unit, disable=not progress, leave=False,
+                    file=sys.stderr)
+
+    compiled = {}
+    with bar("compiling", len(candidates(net)), "candidate") as shown:
+        for c in candidates(net):
+            shown.set_postfix_str(label(*c))
+            compiled[label(*c)] = gradient(uniform(net, *c))
+            shown.update()
 
     def timings(names, rounds):
-        return bench.round_robin({name: (compiled[name], (params, x, y)) for name in names}, rounds,
-                                 statistic=list)
+        with bar(f"timing {len(names)} candidates", rounds, "round") as shown:
+            return bench.round_robin({name: (compiled[name], (params, x, y)) for name in names}, rounds,
+                                     statistic=list, each_round=shown.update)
 
     seconds = timings(compiled, repeats)
     fastest = min(map(min, seconds.values()))
@@ -255,13 +270,15 @@ def choose(timings: dict[str, dict], net: nw.Sequential) -> tuple[str, bool, str
 
 
 def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, *, log: Callable[[str], None] = print,
-         remeasure: bool = False, cache: Path | None = None, min_flops: float = 0) -> tuple[nw.Sequential, dict]:
+         remeasure: bool = False, cache: Path | None = None, min_flops: float = 0, progress: bool = False
+         ) -> tuple[nw.Sequential, dict]:
     """``net`` (fused, if that won) with every conv layer that names no rule given the candidate fastest on this
     machine for a batch of ``batch`` images of ``input_shape`` (from the cache when it holds this geometry and
     ``remeasure`` is off; ``choose`` picks), and ``{"rule", "store_phi", "block", "fused", "ms": {candidate: ms},
     "temp_mb": {candidate: MiB}, "measured": bool}`` (None when no layer was open). New timings are written to the
     cache (atomically). A geometry the cache lacks whose step counts fewer than ``min_flops``
-    (``bench.count_flops``) is not timed: its layers get the backend's default rule (``ms`` None)."""
+    (``bench.count_flops``) is not timed: its layers get the backend's default rule (``ms`` None). ``progress``:
+    progress bars while timing (``time_network``); the last line says how long it took."""
     if not any(_open(layer) for layer in net.layers):
         return net, None
     input_shape = tuple(input_shape)
@@ -282,8 +299,10 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
         log(f"rule auto: timing {len(candidates(net))} candidate rules on this machine for this geometry (compiled "
             f"and run {TIMINGS} times each, those within {CLOSE:.0%} of the fastest {RETIMINGS} times more; the "
             f"result is kept in {cache})")
+        start = time.perf_counter()
         entries[key] = {name: {k: None if v is None else round(v, 4) for k, v in timing.items()}
-                        for name, timing in time_network(net, input_shape, batch, dtype).items()}
+                        for name, timing in time_network(net, input_shape, batch, dtype, progress=progress).items()}
+        took = time.perf_counter() - start
         try:
             atomic_write(cache, strict_json(store, indent=1) + "\n")
         except OSError as err:  # a read-only home: the run goes on, timing again next time
@@ -297,7 +316,7 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     why = "" if ms[label(*best)] == min(ms.values()) else \
         f"; the lightest within {TIE:.0%} of the fastest, {min(ms, key=ms.get)}, by minimum and median"
     log(f"rule auto: {label(*best)} for the conv layers ({listed}: a gradient of the network, its temporary "
-        f"memory; {'measured now' if measured else 'timed earlier, ' + str(cache)}{why})")
+        f"memory; {f'measured now, in {took:.0f} s' if measured else 'timed earlier, ' + str(cache)}{why})")
     rule, store_phi, block, fused = best
     return uniform(net, *best), {"rule": rule, "store_phi": store_phi, "block": block, "fused": fused, "ms": ms,
                                  "temp_mb": temp_mb, "measured": measured}

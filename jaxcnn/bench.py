@@ -89,10 +89,11 @@ def _count(net: nw.Sequential, input_shape, batch: int, first: bool) -> tuple[in
     return total, first
 
 
-def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int, statistic=np.median) -> dict[str, float]:
+def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int, statistic=np.median,
+                each_round: Callable[[], object] | None = None) -> dict[str, float]:
     """Median (or another ``statistic`` of the array of times) seconds of each ``name: (f, args)``, every one called
     once to warm up (compile), then all called in turn ``rounds`` times, so that the machine's drift affects them
-    alike."""
+    alike; ``each_round`` (a progress bar's update) is called after each round."""
     for f, args in functions.values():
         jax.block_until_ready(f(*args))
     seconds: dict[str, list[float]] = {name: [] for name in functions}
@@ -101,6 +102,8 @@ def round_robin(functions: dict[str, tuple[Callable, tuple]], rounds: int, stati
             start = time.perf_counter()
             jax.block_until_ready(f(*args))
             seconds[name].append(time.perf_counter() - start)
+        if each_round is not None:
+            each_round()
     return {name: statistic(np.asarray(s)) for name, s in seconds.items()}
 
 

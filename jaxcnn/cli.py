@@ -419,7 +419,8 @@ def cmd_bench(args) -> int:
 
         print(f"jaxcnn bench --tune: {args.preset} ({'x'.join(map(str, shape))}), batch {args.batch_size}, "
               f"{args.dtype}, on {autotune.machine_key()}")
-        autotune.tune(network.preset(args.preset), shape, args.batch_size, jnp.dtype(args.dtype), remeasure=True)
+        autotune.tune(network.preset(args.preset), shape, args.batch_size, jnp.dtype(args.dtype), remeasure=True,
+                      progress=True)
         print(f"stored in {autotune.cache_file()}")
         return 0
     print(f"jaxcnn bench: {args.preset} ({'x'.join(map(str, shape))}), batch {args.batch_size}, {args.dtype}, "

@@ -285,7 +285,7 @@ def fit(net: Sequential, prep: Prepared, cfg: TrainConfig, *, on_epoch: Callable
 
     _args.choice("fit", "on_nan", on_nan, ("stop", "skip"))
     if cfg.rule == "auto":  # a no-op for layers tuned already (``run`` tunes first, to record and log the rules)
-        net = tuned(net, prep, cfg, devices, log=lambda line: None)
+        net = tuned(net, prep, cfg, devices, log=lambda line: None, progress=progress)
     if cfg.optimizer == "newton":
         from jaxcnn import newton
 
@@ -413,10 +413,11 @@ def check_batch_size(cfg: TrainConfig, examples: int) -> None:
         raise ValueError(f"train: batch_size {cfg.batch_size} exceeds the {examples} training examples")
 
 
-def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None, log: Callable[[str], None]
-          ) -> Sequential:
+def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None, log: Callable[[str], None],
+          progress: bool = False) -> Sequential:
     """``net`` with the rule fastest on this machine for its conv layers that name none (``jaxcnn.autotune``),
-    timed at the batch each device computes (Newton's segments hold at most the training set)."""
+    timed at the batch each device computes (Newton's segments hold at most the training set); ``progress``: bars
+    while timing."""
     from jaxcnn import autotune
 
     if jax.process_count() > 1:
@@ -424,7 +425,7 @@ def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None
                                                   "another; --rule names one")
     per_device = max(1, min(cfg.batch_size, len(prep.x_fit)) // parallel.make_mesh(devices).size)
     return autotune.tune(net, prep.input_shape, per_device, cfg.compute_dtype or jnp.float32, log=log,
-                         min_flops=autotune.MIN_FLOPS)[0]
+                         min_flops=autotune.MIN_FLOPS, progress=progress)[0]
 
 
 def conv_rules(net: Sequential, default: str, prefix: str = "") -> dict[str, str]:
@@ -625,7 +626,7 @@ def run(net: Sequential, cfg: TrainConfig, out: str | Path, *, recipe: str, prog
     check_network(net, prep.input_shape, prep.classes)
     check_batch_size(cfg, len(prep.x_fit))
     if cfg.rule == "auto":  # before run.json is written: it records the rules chosen, and --resume reuses them
-        net = tuned(net, prep, cfg, devices, log)
+        net = tuned(net, prep, cfg, devices, log, progress=progress)
     # for the record: what layers without a rule of their own use
     rule = "auto" if cfg.rule == "auto" else resolve_rule("train", cfg.rule, None)[0]
     log(f"{recipe} on {prep.name}: {len(prep.x_fit)} training, {len(prep.x_val)} validation, "

@@ -3,6 +3,7 @@ timings are cached per machine, and a run records and reuses the rules it chose.
 
 import contextlib
 import json
+import re
 
 import numpy as np
 
@@ -15,7 +16,7 @@ def fake_timings(fastest):
     more than autotune.TIE), and a call log."""
     calls = []
 
-    def time_network(net, input_shape, batch, dtype, repeats=5):
+    def time_network(net, input_shape, batch, dtype, repeats=5, progress=False):
         calls.append((input_shape, batch))
         names = [autotune.label(*candidate) for candidate in autotune.candidates(net)]
         return {name: {"ms": 1 if name == fastest else 2 + i, "median_ms": 1.5 if name == fastest else 3 + i,
@@ -47,7 +48,7 @@ def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reu
                      "blocks) 6.00 ms / 6.0 MiB, fused, im2col (phi stored) 7.00 ms / 5.0 MiB, fused, im2col (phi in "
                      "blocks) 8.00 ms / 4.0 MiB, fused, flip 9.00 ms / 3.0 MiB, fused, winograd 10.00 ms / 2.0 MiB, "
                      "fused, winograd (in blocks) 11.00 ms / 1.0 MiB: a gradient of the network, its temporary "
-                     "memory; measured now)"]
+                     "memory; measured now, in 0 s)"]
     stored = json.loads(cache.read_text())
     assert list(stored) == [autotune.machine_key()] and len(stored[autotune.machine_key()]) == 1
 
@@ -60,19 +61,23 @@ def test_the_fastest_candidate_is_given_to_every_open_layer_and_the_cache_is_reu
     assert autotune.tune(tuned, (8, 8, 1), 4, cache=cache, log=lines.append) == (tuned, None)  # nothing open
 
 
-def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatch):
+def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatch, capsys):
     """Every candidate timed TIMINGS rounds, those within CLOSE of the fastest RETIMINGS more; the minimum and
-    median of all a candidate's rounds kept."""
+    median of all a candidate's rounds kept; progress bars while compiling and timing, and the time it took."""
     rounds, round_robin = [], bench.round_robin
-    def recorded(functions, count, statistic):
-        rounds.append((count, seconds := round_robin(functions, count, statistic)))
+    def recorded(functions, count, statistic, each_round):
+        rounds.append((count, seconds := round_robin(functions, count, statistic, each_round)))
         return {name: list(s) for name, s in seconds.items()}
 
     monkeypatch.setattr(bench, "round_robin", recorded)
     cache = tmp_path / "rules.json"
     cache.write_text("{not json")
-    tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lambda line: None)
+    lines = []
+    tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lines.append, progress=True)
     monkeypatch.setattr(bench, "round_robin", round_robin)
+    bars = capsys.readouterr().err
+    assert "rule auto: compiling" in bars and "/10 " in bars and "rule auto: timing 10" in bars, bars
+    assert re.search(r"measured now, in \d+ s", lines[-1]), lines
     (first, timed), *again = rounds
     fastest = min(map(min, timed.values()))
     close = {name for name, s in timed.items() if min(s) <= fastest * (1 + autotune.CLOSE)}
