@@ -10,7 +10,8 @@ float32 and bfloat16, the default step and the baselines the GPU goals name, not
 lent GPU. Every ratio is of medians timed round-robin in one process (``jaxcnn.bench.run``); the goals table
 gives the ratio of the minima beside each. The report ends with the default step's profile against XLA autodiff's
 (simplenn-cifar in float32; on a GPU at batch 512), by op and by layer: on a GPU, the share of the block's mask,
-routing and bias gradient that a fused kernel (the issue's Pallas item) could take off.
+routing and bias gradient that a fused kernel (the issue's Pallas item: ``experiments.pallas_block``) could take
+off.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "mixed_precision": ["mixed_precision.md"],
     "precision": ["precision.md", "precision.png", "precision_presets.md"],
     "xla_flags": ["xla_flags.md"],
+    "pallas_block": [],  # results_name(): one file per backend
     "targets": [],  # results_name(): one file per backend
 }
 
@@ -27,7 +28,7 @@ EXPERIMENTS = {
 # test_precision's CLI run, the flag test below, test_second_order's Gauss-Newton products, test_newton's runs,
 # the goals test below with test_bench's).
 COVERED_ELSEWHERE = {"benchmark", "mixed_precision", "precision", "xla_flags", "gauss_newton_cost",
-                     "newton_sensitivity", "targets"}
+                     "newton_sensitivity", "targets", "pallas_block"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in COVERED_ELSEWHERE else name
@@ -79,3 +80,32 @@ def test_the_goals_table_reads_each_goal_off_the_measurements():
     assert [row[-1] for row in gpu[:4]] == ["yes", "-", "no", "yes"], gpu
     assert gpu[0][2].startswith("0.67x") and gpu[2][2].startswith("0.80x")
     assert gpu[3][2].startswith("2.0x of 1.00 ms")  # the roofline: 1 GB at 1000 GB/s (25 GFLOP take 0.25 ms)
+
+
+def test_the_pallas_kernel_is_the_library_glue_and_lowers_for_cuda():
+    """experiments.pallas_block: in Pallas's interpreter the kernel gives the library's Delta_S and db (eq. 24, 26,
+    14), and the block's backward with it the library's (dx, dw, db), in float64, on a conv output the windows do
+    not tile (7x7: its last row and column get no gradient) and on windows of equal entries (the first maximum
+    takes the gradient); it refuses channels Triton cannot block, and lowers to Triton for CUDA."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import pallas_block
+    from jaxcnn.ops import block
+    from jaxcnn.ops.pool import max_with_index
+
+    glue_gap, backward_gap = pallas_block.agreement((7, 7, 3), 8, 3, 2, jnp.float64, interpret=True)
+    assert glue_gap < 1e-13 and backward_gap < 1e-13, (glue_gap, backward_gap)
+    _, (delta, z_next, index, pool, out_hw) = pallas_block.case((7, 7, 3), 8, 3, 2, jnp.float64, jax.random.key(1))
+    full, db = pallas_block.masked_route(delta, z_next, index, pool, out_hw, interpret=True)
+    assert full.shape == (2, 7, 7, 8) and not full[:, 6].any() and not full[:, :, 6].any() and db.shape == (8,)
+
+    z_next, index = max_with_index(block.pool_geometry("test", 2), jnp.ones((1, 4, 4, 8)))  # every window tied
+    ours = pallas_block.masked_route(delta[:1, :2, :2], z_next, index, pool, (4, 4), interpret=True)
+    theirs = pallas_block.library_glue(delta[:1, :2, :2], z_next, index, pool, (4, 4))
+    assert all(bool((a == b).all()) for a, b in zip(ours, theirs)) and bool((ours[0][:, ::2, ::2] != 0).all())
+    with pytest.raises(ValueError, match="channels C must be a power of two"):
+        pallas_block.masked_route(delta[..., :6], z_next[..., :6], index[..., :6], pool, out_hw, interpret=True)
+    assert pallas_block.lowers_for_cuda() == "yes"
+    row = pallas_block.timings_table(True, (2,), (jnp.float32,), interpret=True).splitlines()[-1].split(" | ")
+    assert len(row) == 9 and all(float(ms) > 0 for ms in row[3:7]), row  # the GPU's table, interpreted
