@@ -12,6 +12,11 @@ kernel in Pallas (Triton on a GPU): each program reads a block of the pooled Del
 offsets once, writes the ph x pw window entries of Delta_S, and sums its masked Delta into a partial db (each pooled
 entry lands in exactly one window position, so db sums the pooled entries: no second pass over Delta_S).
 
+By bytes alone it can save little: XLA's form reads Delta_S once more for db, 16 bytes per pooled float32 entry;
+simplenn-cifar's three blocks hold 7.3 M pooled entries at batch 512, so 117 MB, about 35 us at an H100's 3.35
+TB/s, 1.5% of the 2.41 ms step measured there. More only where XLA's fusions of the glue run far from their
+roofline, which the report's "glue roofline" column (``glue_bytes`` at the measured bandwidth) shows.
+
     python -m experiments.pallas_block    # writes experiments/results/pallas_block-<backend>.md
 
 On a GPU it checks the kernel against the library on simplenn-cifar's three fused blocks, then times, at batch 128
@@ -209,17 +214,31 @@ def timings(shape, features, kernel, batch, dtype, rounds, interpret=False) -> d
     return {k: 1e3 * v for k, v in bench.round_robin(functions, rounds).items()}
 
 
+def glue_bytes(shape, features, batch, dtype, pool=(2, 2)) -> int:
+    """Bytes the glue must move at least: the pooled Delta and Z^{m+1} and P_pool's int8 offsets read once,
+    Delta_S written once. XLA's form reads Delta_S once more for db (``conv._bias_gradient``); the kernel does not."""
+    pooled = batch * (shape[0] // pool[0]) * (shape[1] // pool[1]) * features
+    size = jnp.dtype(dtype).itemsize
+    return pooled * (2 * size + 1 + pool[0] * pool[1] * size)
+
+
 def timings_table(quick: bool, batches, dtypes, interpret: bool = False) -> str:
+    """Per block, batch and dtype: the four median times, the glue's roofline (``glue_bytes`` at this device's
+    ``bench.memory_bandwidth``), and the kernel's ratios to XLA."""
+    bandwidth = bench.memory_bandwidth(16 if quick else 256)
     rows = []
     for shape, features, kernel in blocks(quick):
         for batch in batches:
             for dtype in dtypes:
                 ms = timings(shape, features, kernel, batch, dtype, 3 if quick else 50, interpret)
+                roof = 1e3 * glue_bytes(shape, features, batch, dtype) / (bandwidth * 1e9)
                 rows.append([f"{shape[0]}x{shape[1]}x{shape[2]} -> {features}", batch, jnp.dtype(dtype).name,
-                             *(f"{ms[k]:.4f}" for k in ms), f"{ms['glue, kernel'] / ms['glue, XLA']:.2f}x",
+                             *(f"{ms[k]:.4f}" for k in ms), f"{roof:.4f}",
+                             f"{ms['glue, kernel'] / ms['glue, XLA']:.2f}x",
                              f"{ms['backward, kernel'] / ms['backward, XLA']:.2f}x"])
-    return table(["block", "batch", "dtype", "glue, XLA", "glue, kernel", "backward, XLA", "backward, kernel",
-                  "glue kernel / XLA", "backward kernel / XLA"], rows)
+    return f"Memory bandwidth measured: {bandwidth:.0f} GB/s.\n\n" + table(
+        ["block", "batch", "dtype", "glue, XLA", "glue, kernel", "backward, XLA", "backward, kernel",
+         "glue roofline", "glue kernel / XLA", "backward kernel / XLA"], rows)
 
 
 def main(argv=None) -> None:
