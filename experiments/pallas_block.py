@@ -42,7 +42,7 @@ from jaxcnn.ops.activation import passed, relu_forward
 from jaxcnn.ops.pool import max_with_index, route
 
 PRESET, INPUT = "simplenn-cifar", (32, 32, 3)
-BLOCK_ELEMENTS = 2048  # pooled entries of one channel block a program reads: a few per thread of 4 warps
+BLOCK_ELEMENTS = 2048  # pooled entries a program reads of each input (Delta, Z^{m+1}, P_pool): 16 per thread of 4 warps
 
 
 def results_name() -> str:
