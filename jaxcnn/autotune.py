@@ -156,13 +156,18 @@ def _read(path: Path) -> dict:
 
 def _complete(entry, net: nw.Sequential) -> bool:
     """Whether a cache entry holds, for every candidate, positive times (minimum and median) and a temporary memory
-    (a size, or None where the backend reports none); else it is measured anew."""
+    (a size, or None where the backend reports none), or why it was skipped, with at least one candidate timed;
+    else it is measured anew."""
     def number(v, least):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= least
 
+    def timed(t):
+        return number(t.get("ms"), 1e-9) and number(t.get("median_ms"), 1e-9) and "temp_mb" in t and \
+            (t["temp_mb"] is None or number(t["temp_mb"], 0))
+
     timings = [entry.get(label(*c)) if isinstance(entry, dict) else None for c in candidates(net)]
-    return all(isinstance(t, dict) and number(t.get("ms"), 1e-9) and number(t.get("median_ms"), 1e-9)
-               and "temp_mb" in t and (t["temp_mb"] is None or number(t["temp_mb"], 0)) for t in timings)
+    return all(isinstance(t, dict) and (timed(t) or isinstance(t.get("skipped"), str)) for t in timings) and \
+        any(timed(t) for t in timings)
 
 
 def geometry_key(net: nw.Sequential, input_shape: tuple, batch: int, dtype) -> str:
@@ -215,7 +220,12 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     simplenn-mnist, 7% slower than the fused block in the step table timed right after). Those within ``CLOSE``
     of the fastest are then timed ``retimings`` more rounds among themselves, their minimum and median taken over
     all their rounds: the ones a tie can be decided between get a steadier median. ``progress``: a progress bar
-    on stderr for the compiling (a candidate at a time; most of the time on a CPU) and for the rounds."""
+    on stderr for the compiling (a candidate at a time; most of the time on a CPU) and for the rounds.
+
+    A candidate that cannot run this network is skipped, not fatal: one whose arrays an op refuses as too large
+    (``conv.MAX_ENTRIES``: phi(pad(Z)) for a whole batch of large images) or that XLA cannot compile or run (out of
+    a GPU's memory): label -> {"ms": None, "median_ms": None, "temp_mb": None, "skipped": why}. If none can run,
+    the first candidate's error is raised."""
     from tqdm import tqdm
 
     from jaxcnn import objective
@@ -232,12 +242,20 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
         return tqdm(total=total, desc=f"rule auto: {what}", unit=unit, disable=not progress, leave=False,
                     file=sys.stderr)
 
-    compiled = {}
+    compiled, skipped, first_error = {}, {}, None
     with bar("compiling", len(candidates(net)), "candidate") as shown:
         for c in candidates(net):
             shown.set_postfix_str(label(*c))
-            compiled[label(*c)] = gradient(uniform(net, *c))
+            try:
+                compiled[label(*c)] = gradient(uniform(net, *c))
+                jax.block_until_ready(compiled[label(*c)](params, x, y))  # out of memory shows in a first run
+            except (ValueError, jax.errors.JaxRuntimeError) as err:
+                compiled.pop(label(*c), None)
+                skipped[label(*c)] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:400]}"
+                first_error = first_error or err
             shown.update()
+    if not compiled:
+        raise first_error
 
     def timings(names, rounds):
         with bar(f"timing {len(names)} candidates", rounds, "round") as shown:
@@ -250,17 +268,23 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     if len(close) > 1 and retimings:
         for name, more in timings(close, retimings).items():
             seconds[name] += more
-    return {name: {"ms": min(s) * 1e3, "median_ms": float(np.median(s)) * 1e3,
-                   "temp_mb": bench.memory(compiled[name]).get("temp_mb")}
-            for name, s in seconds.items()}
+    def result(name):
+        if name in skipped:
+            return {"ms": None, "median_ms": None, "temp_mb": None, "skipped": skipped[name]}
+        s = seconds[name]
+        return {"ms": min(s) * 1e3, "median_ms": float(np.median(s)) * 1e3,
+                "temp_mb": bench.memory(compiled[name]).get("temp_mb")}
+
+    return {label(*c): result(label(*c)) for c in candidates(net)}
 
 
 def choose(timings: dict[str, dict], net: nw.Sequential) -> tuple[str, bool, str | None, bool]:
     """The candidate to use, from ``time_network``'s timings: the fastest (by the minimum), unless another within
     ``TIE`` of it by the minimum and by the median needs less temporary memory; then the lightest of those (faster
-    first among equals)."""
-    ms = {c: timings[label(*c)]["ms"] for c in candidates(net)}
-    median = {c: timings[label(*c)]["median_ms"] for c in candidates(net)}
+    first among equals). Skipped candidates are not chosen."""
+    timed = [c for c in candidates(net) if timings[label(*c)].get("skipped") is None]
+    ms = {c: timings[label(*c)]["ms"] for c in timed}
+    median = {c: timings[label(*c)]["median_ms"] for c in timed}
     fastest = min(ms, key=ms.get)
     tied = [c for c in ms if ms[c] <= ms[fastest] * (1 + TIE) and median[c] <= median[fastest] * (1 + TIE)]
     memory = {c: timings[label(*c)].get("temp_mb") for c in tied}
@@ -275,7 +299,8 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     """``net`` (fused, if that won) with every conv layer that names no rule given the candidate fastest on this
     machine for a batch of ``batch`` images of ``input_shape`` (from the cache when it holds this geometry and
     ``remeasure`` is off; ``choose`` picks), and ``{"rule", "store_phi", "block", "fused", "ms": {candidate: ms},
-    "temp_mb": {candidate: MiB}, "measured": bool}`` (None when no layer was open). New timings are written to the
+    "temp_mb": {candidate: MiB}, "measured": bool}`` (None when no layer was open; a candidate that could not run
+    this network, ``time_network``, has ms None and is named in the log with why). New timings are written to the
     cache (atomically). A geometry the cache lacks whose step counts fewer than ``min_flops``
     (``bench.count_flops``) is not timed: its layers get the backend's default rule (``ms`` None). ``progress``:
     progress bars while timing (``time_network``); the last line says how long it took."""
@@ -300,7 +325,7 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
             f"and run {TIMINGS} times each, those within {CLOSE:.0%} of the fastest {RETIMINGS} times more; the "
             f"result is kept in {cache})")
         start = time.perf_counter()
-        entries[key] = {name: {k: None if v is None else round(v, 4) for k, v in timing.items()}
+        entries[key] = {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in timing.items()}
                         for name, timing in time_network(net, input_shape, batch, dtype, progress=progress).items()}
         took = time.perf_counter() - start
         try:
@@ -311,10 +336,12 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     best = choose(timings, net)
     ms = {name: t["ms"] for name, t in timings.items()}
     temp_mb = {name: t["temp_mb"] for name, t in timings.items()}
-    listed = ", ".join(f"{name} {t['ms']:.2f} ms" + ("" if t["temp_mb"] is None else f" / {t['temp_mb']:.1f} MiB")
+    listed = ", ".join(f"{name} skipped ({t['skipped']})" if t.get("skipped") is not None else
+                       f"{name} {t['ms']:.2f} ms" + ("" if t["temp_mb"] is None else f" / {t['temp_mb']:.1f} MiB")
                        for name, t in timings.items())
-    why = "" if ms[label(*best)] == min(ms.values()) else \
-        f"; the lightest within {TIE:.0%} of the fastest, {min(ms, key=ms.get)}, by minimum and median"
+    fastest = min((name for name in ms if ms[name] is not None), key=ms.get)
+    why = "" if ms[label(*best)] == ms[fastest] else \
+        f"; the lightest within {TIE:.0%} of the fastest, {fastest}, by minimum and median"
     log(f"rule auto: {label(*best)} for the conv layers ({listed}: a gradient of the network, its temporary "
         f"memory; {f'measured now, in {took:.0f} s' if measured else 'timed earlier, ' + str(cache)}{why})")
     rule, store_phi, block, fused = best

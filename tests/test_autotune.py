@@ -6,6 +6,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 import jaxcnn as jc
 from jaxcnn import autotune, bench, checkpoint, cli, train
@@ -108,6 +109,28 @@ def test_real_timings_a_damaged_cache_and_an_unwritable_one(tmp_path, monkeypatc
     lines = []
     tuned, _ = autotune.tune(NET, (8, 8, 1), 2, cache=blocked / "rules.json", log=lines.append)
     assert conv_rules(tuned)[0] == ("flip", False, None) and "could not write the cache" in lines[1], lines
+
+
+def test_a_candidate_that_cannot_run_the_network_is_skipped_not_fatal(tmp_path, monkeypatch):
+    """A candidate whose arrays an op refuses (conv.MAX_ENTRIES; on a GPU also one out of memory) is skipped with
+    its reason and the others decide; the cache keeps the skip; if no candidate can run, the error is raised."""
+    from jaxcnn.ops import conv
+
+    candidates, time_network = autotune.candidates, autotune.time_network
+    monkeypatch.setattr(autotune, "candidates", lambda net: candidates(net)[:3])  # phi stored, phi in blocks, flip
+    monkeypatch.setattr(conv, "MAX_ENTRIES", 1000)  # conv1's phi(pad(Z)): 2 * 8 * 8 * 9 = 1152 entries; output 512
+    cache, lines = tmp_path / "rules.json", []
+    tuned, choice = autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lines.append)
+    assert conv_rules(tuned)[0] == ("flip", False, None) and choice["ms"]["flip"] > 0, lines
+    assert choice["ms"]["im2col (phi stored)"] is None and choice["ms"]["im2col (phi in blocks)"] is None
+    assert "(phi stored) skipped (ValueError: layer 0 " in lines[-1] and "phi(pad(Z)) would have shape (2, 8, 8, 9)" \
+        in lines[-1], lines
+    monkeypatch.setattr(autotune, "time_network", lambda *args, **kwargs: pytest.fail("timed again"))
+    assert autotune.tune(NET, (8, 8, 1), 2, cache=cache, log=lines.append) == (tuned, {**choice, "measured": False})
+    monkeypatch.setattr(autotune, "time_network", time_network)
+    monkeypatch.setattr(conv, "MAX_ENTRIES", 300)  # now every candidate's first layer is refused
+    with pytest.raises(ValueError, match="would have shape"):
+        autotune.tune(NET, (8, 8, 1), 2, cache=cache, remeasure=True, log=lines.append)
 
 
 def test_winograd_is_a_candidate_where_an_open_layer_is_3x3_with_stride_1(tmp_path, monkeypatch):
