@@ -268,6 +268,7 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     if len(close) > 1 and retimings:
         for name, more in timings(close, retimings).items():
             seconds[name] += more
+
     def result(name):
         if name in skipped:
             return {"ms": None, "median_ms": None, "temp_mb": None, "skipped": skipped[name]}
