@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as pl_triton
 from experiments._common import machine, parser, table, write
 from jaxcnn import bench, network
 from jaxcnn.ops import block, conv
-from jaxcnn.ops.activation import passed, relu_forward
+from jaxcnn.ops.activation import passed
 from jaxcnn.ops.pool import max_with_index, route
 
 PRESET, INPUT = "simplenn-cifar", (32, 32, 3)
@@ -117,8 +117,7 @@ def _with_kernel(window, pool_window, interpret, x, w, b):
 
 
 def _with_kernel_fwd(window, pool_window, interpret, x, w, b):
-    s = conv.forward(window, False, x, w, b, None, "flip")[0]
-    z_next, index = max_with_index(pool_window, relu_forward(s))
+    (z_next, index), _ = block._pooled(max_with_index, window, pool_window, False, x, w, b, None, "flip")
     return z_next, (x, w, z_next, index)
 
 
@@ -158,8 +157,8 @@ def case(shape, features, kernel, batch, dtype, key):
     w = (jnp.round(2 * jax.random.normal(kw, (kernel, kernel, shape[2], features))) / 2).astype(dtype)
     b = jnp.zeros(features, dtype)
     x_, w_, b_, window = conv.check("case", x, w, b, 1, kernel // 2, 1)
-    s = conv.forward(window, False, x_, w_, b_, None, "flip")[0]
-    z_next, index = max_with_index(block.pool_geometry("case", 2), relu_forward(s))
+    (z_next, index), _ = block._pooled(max_with_index, window, block.pool_geometry("case", 2), False, x_, w_, b_,
+                                       None, "flip")
     delta = jax.random.normal(kd, z_next.shape).astype(dtype)
     return (x, w, b), (delta, z_next, index, (2, 2), window.out_hw(shape[:2]))
 

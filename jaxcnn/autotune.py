@@ -245,13 +245,14 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     compiled, skipped, first_error = {}, {}, None
     with bar("compiling", len(candidates(net)), "candidate") as shown:
         for c in candidates(net):
-            shown.set_postfix_str(label(*c))
+            name = label(*c)
+            shown.set_postfix_str(name)
             try:
-                compiled[label(*c)] = gradient(uniform(net, *c))
-                jax.block_until_ready(compiled[label(*c)](params, x, y))  # out of memory shows in a first run
+                step = gradient(uniform(net, *c))
+                jax.block_until_ready(step(params, x, y))  # out of memory shows in a first run
+                compiled[name] = step
             except (ValueError, jax.errors.JaxRuntimeError) as err:
-                compiled.pop(label(*c), None)
-                skipped[label(*c)] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:400]}"
+                skipped[name] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:400]}"
                 first_error = first_error or err
             shown.update()
     if not compiled:
