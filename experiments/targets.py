@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     memory = bench.block_memory(batch=16 if args.quick else 128)
     rows = goals(results, memory, backend)
     # where the default step's time goes, against XLA autodiff's: on a GPU, how much a kernel fusing the block's
-    # mask, routing and bias gradient (the Pallas item) could take off
+    # mask, routing and bias gradient (the Pallas item: experiments.pallas_block) could take off
     preset, batch = next((p, b) for p, b, d, _ in reversed(cases(args.quick, backend)) if d == "float32")
     by_op, by_layer = bench.profile_auto(preset, input_shape(preset), batch)
     met = sum(row[-1] == "yes" for row in rows)

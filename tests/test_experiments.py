@@ -26,7 +26,7 @@ EXPERIMENTS = {
 # Left to `pytest -m slow` (about 80 test-seconds, to keep the default suite under 10 minutes on a 2-core machine):
 # the experiments whose subject the default suite tests on its own (test_bench's bench command, test_mixed_precision,
 # test_precision's CLI run, the flag test below, test_second_order's Gauss-Newton products, test_newton's runs,
-# the goals test below with test_bench's).
+# the goals test below with test_bench's, the Pallas kernel's test below).
 COVERED_ELSEWHERE = {"benchmark", "mixed_precision", "precision", "xla_flags", "gauss_newton_cost",
                      "newton_sensitivity", "targets", "pallas_block"}
 
