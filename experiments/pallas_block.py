@@ -163,24 +163,30 @@ def case(shape, features, kernel, batch, dtype, key):
     return (x, w, b), (delta, z_next, index, (2, 2), window.out_hw(shape[:2]))
 
 
+def compared(kernel: int, interpret: bool) -> tuple[tuple, tuple]:
+    """(library, kernel): the jitted glue of each, and the block (x, w, b -> Z^{m+1}) whose backward uses it."""
+    glue = (jax.jit(library_glue, static_argnums=(3, 4)),
+            jax.jit(partial(masked_route, interpret=interpret), static_argnums=(3, 4)))
+    blocks = (partial(block.conv_relu_pool, padding=kernel // 2, rule="flip"),
+              partial(conv_relu_pool, padding=kernel // 2, interpret=interpret))
+    return glue, blocks
+
+
 def agreement(shape, features, kernel, batch, dtype, interpret) -> tuple[float, float]:
     """The largest relative gap max|kernel - library| / max|library| between kernel and library, over (Delta_S, db)
     and over the block's (dx, dw, db)."""
     (x, w, b), glue = case(shape, features, kernel, batch, dtype, jax.random.key(1))
-    ours = jax.jit(partial(masked_route, interpret=interpret), static_argnums=(3, 4))(*glue)
-    theirs = jax.jit(library_glue, static_argnums=(3, 4))(*glue)
+    glue_fns, blocks = compared(kernel, interpret)
+    theirs, ours = (f(*glue) for f in glue_fns)
     delta = glue[0]
-    grads = []
-    for f in (partial(conv_relu_pool, padding=kernel // 2, interpret=interpret),
-              partial(block.conv_relu_pool, padding=kernel // 2, rule="flip")):
-        grads.append(jax.jit(lambda x, w, b, f=f: jax.vjp(f, x, w, b)[1](delta))(x, w, b))
+    theirs_grads, our_grads = (jax.jit(lambda x, w, b, f=f: jax.vjp(f, x, w, b)[1](delta))(x, w, b) for f in blocks)
 
     def gap(ours, theirs):
         wide = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))
         return max(float(jnp.max(jnp.abs(wide(u) - wide(v))) / jnp.max(jnp.abs(wide(v))))
                    for u, v in zip(ours, theirs))
 
-    return gap(ours, theirs), gap(*grads)
+    return gap(ours, theirs), gap(our_grads, theirs_grads)
 
 
 def lowers_for_cuda() -> str:
@@ -204,12 +210,9 @@ def timings(shape, features, kernel, batch, dtype, rounds, interpret=False) -> d
         _, pullback = jax.vjp(f, x, w, b)  # the forward pass's residuals outside the timed function
         return jax.jit(pullback), (delta,)
 
-    functions = {
-        "glue, XLA": (jax.jit(library_glue, static_argnums=(3, 4)), glue),
-        "glue, kernel": (jax.jit(partial(masked_route, interpret=interpret), static_argnums=(3, 4)), glue),
-        "backward, XLA": backward(partial(block.conv_relu_pool, padding=kernel // 2, rule="flip")),
-        "backward, kernel": backward(partial(conv_relu_pool, padding=kernel // 2, interpret=interpret)),
-    }
+    (xla_glue, kernel_glue), (xla_block, kernel_block) = compared(kernel, interpret)
+    functions = {"glue, XLA": (xla_glue, glue), "glue, kernel": (kernel_glue, glue),
+                 "backward, XLA": backward(xla_block), "backward, kernel": backward(kernel_block)}
     return {k: 1e3 * v for k, v in bench.round_robin(functions, rounds).items()}
 
 
