@@ -14,16 +14,25 @@ from jaxcnn import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def env_with_devices(n: int) -> dict:
+def env_with_devices(n: int, optimised: bool = False) -> dict:
+    """The environment of a subprocess with ``n`` host devices; ``optimised``: at XLA's default optimisation level,
+    not the suite's 0 (conftest)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    flags = env.get("XLA_FLAGS", "")
+    if optimised:
+        flags = flags.replace("--xla_backend_optimization_level=0", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     env["JAX_PLATFORMS"] = "cpu"  # the forced devices are the host's, also on a machine with a GPU
     env["PYTHONPATH"] = str(ROOT)
     return env
 
 
 def test_eight_devices_give_the_params_of_one():
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_devices.py"), "8"], env=env_with_devices(8),
+    """At XLA's default optimisation level: at the suite's level 0 with the older fusion emitters (conftest), XLA
+    computes the one-device batch-norm run wrong, deterministically (its first layers' gradient 60% off from the
+    second step on; each setting alone computes it right, and so does every setting at the default level). Level
+    0 is the tests' setting, never a user's."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_devices.py"), "8"], env=env_with_devices(8, True),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
