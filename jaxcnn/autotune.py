@@ -16,7 +16,8 @@ function and params), and keeps the fastest, or, among the candidates within ``T
 and the median of the timings (the noise of a timing, and the tolerance of the performance issue's speed goal), the
 one whose compiled gradient needs the least temporary memory (phi(pad(Z)) stored and Winograd's transformed tiles
 for the whole batch need 2-3x what blocks of either need). So a heavy candidate is chosen only where it is more than
-5% faster than every lighter one.
+5% faster than every lighter one. A limit on that memory (``max_temp_mb``; ``TrainConfig.rule_memory_mb``,
+``--rule-memory-mb``), as cuDNN's workspace limit, passes over the candidates that need more.
 
 The whole network is timed, not each layer alone: a layer's rule changes what XLA fuses around it, and on the
 machine of BENCHMARKS.md the per-layer winners, timed one layer at a time, made the network slower than every
@@ -280,11 +281,18 @@ def time_network(net: nw.Sequential, input_shape: tuple, batch: int, dtype, repe
     return {label(*c): result(label(*c)) for c in candidates(net)}
 
 
-def choose(timings: dict[str, dict], net: nw.Sequential) -> tuple[str, bool, str | None, bool]:
+def choose(timings: dict[str, dict], net: nw.Sequential, max_temp_mb: float | None = None
+           ) -> tuple[str, bool, str | None, bool]:
     """The candidate to use, from ``time_network``'s timings: the fastest (by the minimum), unless another within
     ``TIE`` of it by the minimum and by the median needs less temporary memory; then the lightest of those (faster
-    first among equals). Skipped candidates are not chosen."""
+    first among equals). Skipped candidates are not chosen. ``max_temp_mb``: only the candidates whose compiled
+    gradient needs at most that many MiB of temporary memory count, as cuDNN's workspace limit (all where the
+    backend reports none); where none does, the lightest."""
     timed = [c for c in candidates(net) if timings[label(*c)].get("skipped") is None]
+    if max_temp_mb is not None:
+        temp_mb = {c: timings[label(*c)]["temp_mb"] for c in timed}
+        if None not in temp_mb.values():
+            timed = [c for c in timed if temp_mb[c] <= max_temp_mb] or [min(timed, key=temp_mb.get)]
     ms = {c: timings[label(*c)]["ms"] for c in timed}
     median = {c: timings[label(*c)]["median_ms"] for c in timed}
     fastest = min(ms, key=ms.get)
@@ -296,8 +304,8 @@ def choose(timings: dict[str, dict], net: nw.Sequential) -> tuple[str, bool, str
 
 
 def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, *, log: Callable[[str], None] = print,
-         remeasure: bool = False, cache: Path | None = None, min_flops: float = 0, progress: bool = False
-         ) -> tuple[nw.Sequential, dict]:
+         remeasure: bool = False, cache: Path | None = None, min_flops: float = 0, progress: bool = False,
+         max_temp_mb: float | None = None) -> tuple[nw.Sequential, dict]:
     """``net`` (fused, if that won) with every conv layer that names no rule given the candidate fastest on this
     machine for a batch of ``batch`` images of ``input_shape`` (from the cache when it holds this geometry and
     ``remeasure`` is off; ``choose`` picks), and ``{"rule", "store_phi", "block", "fused", "ms": {candidate: ms},
@@ -305,7 +313,12 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     this network, ``time_network``, has ms None and is named in the log with why). New timings are written to the
     cache (atomically). A geometry the cache lacks whose step counts fewer than ``min_flops``
     (``bench.count_flops``) is not timed: its layers get the backend's default rule (``ms`` None). ``progress``:
-    progress bars while timing (``time_network``); the last line says how long it took."""
+    progress bars while timing (``time_network``); the last line says how long it took. ``max_temp_mb``: the
+    candidates needing more temporary memory than that are passed over (``choose``)."""
+    if max_temp_mb is not None and (isinstance(max_temp_mb, bool) or not isinstance(max_temp_mb, (int, float))
+                                    or not 0 < max_temp_mb < float("inf")):
+        raise ValueError(f"tune: max_temp_mb must be a positive number of MiB, or None for no limit, got "
+                         f"{max_temp_mb!r}")
     if not any(_open(layer) for layer in net.layers):
         return net, None
     input_shape = tuple(input_shape)
@@ -335,15 +348,23 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
         except OSError as err:  # a read-only home: the run goes on, timing again next time
             log(f"rule auto: could not write the cache {cache} ({err}); the timings are not kept")
     timings = entries[key]
-    best = choose(timings, net)
+    best = choose(timings, net, max_temp_mb)
     ms = {name: t["ms"] for name, t in timings.items()}
     temp_mb = {name: t["temp_mb"] for name, t in timings.items()}
     listed = ", ".join(f"{name} skipped ({t['skipped']})" if t.get("skipped") is not None else
                        f"{name} {t['ms']:.2f} ms" + ("" if t["temp_mb"] is None else f" / {t['temp_mb']:.1f} MiB")
                        for name, t in timings.items())
-    fastest = min((name for name in ms if ms[name] is not None), key=ms.get)
-    why = "" if ms[label(*best)] == ms[fastest] else \
-        f"; the lightest within {TIE:.0%} of the fastest, {fastest}, by minimum and median"
+    timed = [name for name in ms if ms[name] is not None]
+    limit = "" if max_temp_mb is None else f"at most {max_temp_mb:g} MiB of temporary memory"
+    fitting = [name for name in timed if max_temp_mb is None or temp_mb[name] is None or temp_mb[name] <= max_temp_mb]
+    fastest, chosen = min(fitting or timed, key=ms.get), label(*best)
+    if not fitting:
+        why = f"; none needs {limit}: the lightest"
+    elif ms[chosen] != ms[fastest]:
+        why = f"; the lightest within {TIE:.0%} of the fastest{' needing ' + limit if limit else ''}, " \
+              f"{fastest}, by minimum and median"
+    else:
+        why = "" if fastest == min(timed, key=ms.get) else f"; the fastest needing {limit}"
     log(f"rule auto: {label(*best)} for the conv layers ({listed}: a gradient of the network, its temporary "
         f"memory; {f'measured now, in {took:.0f} s' if measured else 'timed earlier, ' + str(cache)}{why})")
     rule, store_phi, block, fused = best

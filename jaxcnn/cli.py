@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hand rule of the convolutions (default auto: the fastest for this network, timed on this "
                         "machine once and cached; a step under 1 GFLOP, too small for timing to pay, takes im2col on "
                         "CPU and flip on GPU/TPU)")
+    t.add_argument("--rule-memory-mb", type=float, metavar="MB",
+                   help="--rule auto: choose among the candidates whose compiled step needs at most MB MiB of "
+                        "temporary memory, as cuDNN's workspace limit (the lightest if none does; default: no limit)")
     t.add_argument("--fuse", action="store_true", default=None,
                    help="use Lin's fused conv-ReLU-pool block where possible")
     t.add_argument("--seed", type=int,

@@ -68,6 +68,7 @@ class TrainConfig:
     C: float | None = None
     grad: str = "hand"
     rule: str | None = "auto"  # timed on this machine (jaxcnn.autotune); None: the backend's default (conv2d's)
+    rule_memory_mb: float | None = None  # rule "auto": pass over candidates needing more temporary memory (MiB)
     seed: int = 0
     val_fraction: float = 0.1
     # optimizer = "newton" (simpleNN's Newton method, jaxcnn.newton): iterations instead of epochs
@@ -101,6 +102,13 @@ class TrainConfig:
                              "or use rule='auto', which times it where it applies")
         if self.rule is not None:
             _args.choice("train", "rule", self.rule, (*_args.CONV_RULES, "auto"))
+        if self.rule_memory_mb is not None:
+            if isinstance(self.rule_memory_mb, bool) or not isinstance(self.rule_memory_mb, (int, float)) or \
+                    not 0 < self.rule_memory_mb < math.inf:
+                raise ValueError(f"train: rule_memory_mb must be a positive number of MiB, got {self.rule_memory_mb!r}")
+            if self.rule != "auto":
+                raise ValueError(f"train: rule_memory_mb limits the candidates of rule 'auto', not rule "
+                                 f"{self.rule!r}, which needs what it needs")
         obj.check(self.loss, self.C)
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
@@ -416,8 +424,8 @@ def check_batch_size(cfg: TrainConfig, examples: int) -> None:
 def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None, log: Callable[[str], None],
           progress: bool = False) -> Sequential:
     """``net`` with the rule fastest on this machine for its conv layers that name none (``jaxcnn.autotune``),
-    timed at the batch each device computes (Newton's segments hold at most the training set); ``progress``: bars
-    while timing."""
+    timed at the batch each device computes (Newton's segments hold at most the training set), among those within
+    ``cfg.rule_memory_mb``; ``progress``: bars while timing."""
     from jaxcnn import autotune
 
     if jax.process_count() > 1:
@@ -425,7 +433,7 @@ def tuned(net: Sequential, prep: Prepared, cfg: TrainConfig, devices: int | None
                                                   "another; --rule names one")
     per_device = max(1, min(cfg.batch_size, len(prep.x_fit)) // parallel.make_mesh(devices).size)
     return autotune.tune(net, prep.input_shape, per_device, cfg.compute_dtype or jnp.float32, log=log,
-                         min_flops=autotune.MIN_FLOPS, progress=progress)[0]
+                         min_flops=autotune.MIN_FLOPS, progress=progress, max_temp_mb=cfg.rule_memory_mb)[0]
 
 
 def conv_rules(net: Sequential, default: str, prefix: str = "") -> dict[str, str]:

@@ -282,6 +282,39 @@ def test_among_candidates_tied_in_time_the_one_needing_least_memory_is_chosen(tm
     assert lines[-1].endswith("the lightest within 5% of the fastest, im2col (phi stored), by minimum and median)")
 
 
+def test_a_memory_limit_passes_over_the_candidates_needing_more(tmp_path, monkeypatch, capsys):
+    """``max_temp_mb`` (``--rule-memory-mb``), as cuDNN's workspace limit: the fastest candidate within it, the tie
+    rule among those, the lightest where none fits; refused where it is no positive number or rule is not auto."""
+    time_network, _ = fake_timings("im2col (phi stored)")  # fastest, and the heaviest: 10 MiB; flip 8 MiB, 3.00 ms
+    timings = time_network(NET, (8, 8, 1), 4, None)
+    assert autotune.choose(timings, NET) == ("im2col", True, None, False)
+    assert autotune.choose(timings, NET, max_temp_mb=10.0) == ("im2col", True, None, False)
+    assert autotune.choose(timings, NET, max_temp_mb=9.5) == ("im2col", False, "auto", False)  # 9 MiB, 3 ms
+    assert autotune.choose(timings, NET, max_temp_mb=0.5) == ("winograd", False, "auto", True)  # the lightest, 1 MiB
+    monkeypatch.setattr(autotune, "time_network", time_network)
+    lines = []
+    tuned, choice = autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", log=lines.append, max_temp_mb=9)
+    assert conv_rules(tuned)[0] == ("im2col", False, "auto") and choice["temp_mb"]["im2col (phi stored)"] == 10.0
+    assert lines[-1].endswith("; the fastest needing at most 9 MiB of temporary memory)"), lines[-1]
+    autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", log=lines.append, max_temp_mb=0.5)
+    assert lines[-1].endswith("; none needs at most 0.5 MiB of temporary memory: the lightest)"), lines[-1]
+    for bad in (0, -1.0, float("nan"), True, "8"):
+        with pytest.raises(ValueError, match="max_temp_mb must be a positive number of MiB"):
+            autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", max_temp_mb=bad)
+        with pytest.raises(ValueError, match="rule_memory_mb must be a positive number of MiB"):
+            train.TrainConfig(rule_memory_mb=bad)
+    with pytest.raises(ValueError, match="rule_memory_mb limits the candidates of rule 'auto', not rule 'flip'"):
+        train.TrainConfig(rule="flip", rule_memory_mb=64)
+
+    monkeypatch.setenv("JAXCNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0)  # digits-cnn's step is too small to be timed otherwise
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--rule-memory-mb", "9.5", "--out", str(out), "--no-progress"]) == 0
+    assert "rule auto: im2col (phi in blocks) for the conv layers" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["rule_memory_mb"] == 9.5 and summary["conv_rules"]["conv1"].startswith("im2col (phi in")
+
+
 def test_the_machine_key_tells_cpus_of_one_name_apart_by_family_and_model():
     """Two VMs may both call their CPU "AMD EPYC" (a Zen 3 and a Zen 4): its family and model numbers, and the
     vector extensions, keep their timings apart in the cache."""
