@@ -86,7 +86,8 @@ def goals(results: list[dict], memory: list[tuple[str, float]], backend: str) ->
     xla = dict(memory)["xla autodiff chain"]
     for name, mb in memory:
         if name in CANDIDATES:
-            heavy = " (heavy: picked only where > 5% faster than every lighter one)" if name in HEAVY else ""
+            heavy = " (heavy: picked only where > 5% faster than every lighter one, never under a " \
+                "--rule-memory-mb below its step's temporaries)" if name in HEAVY else ""
             rows.append(["the fused block's temp memory <= 0.6x XLA's chain", name + heavy,
                          f"{mb / xla:.2f}x ({mb:.1f} / {xla:.1f} MB)", "<= 0.60x", "yes" if mb <= 0.6 * xla else "no"])
     return rows
