@@ -303,6 +303,13 @@ def choose(timings: dict[str, dict], net: nw.Sequential, max_temp_mb: float | No
     return min(tied, key=lambda c: (memory[c], ms[c]))
 
 
+def check_limit(where: str, name: str, value) -> None:
+    """A limit on the candidates' temporary memory: None (no limit) or a positive, finite number of MiB."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < value < float("inf")):
+        raise ValueError(f"{where}: {name} must be a positive number of MiB, or None for no limit, got {value!r}")
+
+
 def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, *, log: Callable[[str], None] = print,
          remeasure: bool = False, cache: Path | None = None, min_flops: float = 0, progress: bool = False,
          max_temp_mb: float | None = None) -> tuple[nw.Sequential, dict]:
@@ -315,10 +322,7 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     (``bench.count_flops``) is not timed: its layers get the backend's default rule (``ms`` None). ``progress``:
     progress bars while timing (``time_network``); the last line says how long it took. ``max_temp_mb``: the
     candidates needing more temporary memory than that are passed over (``choose``)."""
-    if max_temp_mb is not None and (isinstance(max_temp_mb, bool) or not isinstance(max_temp_mb, (int, float))
-                                    or not 0 < max_temp_mb < float("inf")):
-        raise ValueError(f"tune: max_temp_mb must be a positive number of MiB, or None for no limit, got "
-                         f"{max_temp_mb!r}")
+    check_limit("tune", "max_temp_mb", max_temp_mb)
     if not any(_open(layer) for layer in net.layers):
         return net, None
     input_shape = tuple(input_shape)

@@ -103,9 +103,9 @@ class TrainConfig:
         if self.rule is not None:
             _args.choice("train", "rule", self.rule, (*_args.CONV_RULES, "auto"))
         if self.rule_memory_mb is not None:
-            if isinstance(self.rule_memory_mb, bool) or not isinstance(self.rule_memory_mb, (int, float)) or \
-                    not 0 < self.rule_memory_mb < math.inf:
-                raise ValueError(f"train: rule_memory_mb must be a positive number of MiB, got {self.rule_memory_mb!r}")
+            from jaxcnn.autotune import check_limit
+
+            check_limit("train", "rule_memory_mb", self.rule_memory_mb)
             if self.rule != "auto":
                 raise ValueError(f"train: rule_memory_mb limits the candidates of rule 'auto', not rule "
                                  f"{self.rule!r}, which needs what it needs")
