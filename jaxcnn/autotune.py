@@ -362,7 +362,9 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
     limit = "" if max_temp_mb is None else f"at most {max_temp_mb:g} MiB of temporary memory"
     fitting = [name for name in timed if max_temp_mb is None or temp_mb[name] is None or temp_mb[name] <= max_temp_mb]
     fastest, chosen = min(fitting or timed, key=ms.get), label(*best)
-    if not fitting:
+    if limit and any(temp_mb[name] is None for name in timed):
+        why = f"; the limit of {limit} not applied: this backend reports no memory"
+    elif not fitting:
         why = f"; none needs {limit}: the lightest"
     elif ms[chosen] != ms[fastest]:
         why = f"; the lightest within {TIE:.0%} of the fastest{' needing ' + limit if limit else ''}, " \

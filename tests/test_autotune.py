@@ -298,6 +298,13 @@ def test_a_memory_limit_passes_over_the_candidates_needing_more(tmp_path, monkey
     assert lines[-1].endswith("; the fastest needing at most 9 MiB of temporary memory)"), lines[-1]
     autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", log=lines.append, max_temp_mb=0.5)
     assert lines[-1].endswith("; none needs at most 0.5 MiB of temporary memory: the lightest)"), lines[-1]
+    unreported = {name: {**t, "temp_mb": None} for name, t in timings.items()}
+    monkeypatch.setattr(autotune, "time_network", lambda *args, **kwargs: unreported)
+    tuned, _ = autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "unreported.json", log=lines.append, max_temp_mb=9)
+    assert conv_rules(tuned)[0] == ("im2col", True, None)  # the fastest: a backend that reports no memory
+    assert lines[-1].endswith("; the limit of at most 9 MiB of temporary memory not applied: this backend reports "
+                              "no memory)"), lines[-1]
+    monkeypatch.setattr(autotune, "time_network", time_network)
     for bad in (0, -1.0, float("nan"), True, "8"):
         with pytest.raises(ValueError, match="max_temp_mb must be a positive number of MiB"):
             autotune.tune(NET, (8, 8, 1), 4, cache=tmp_path / "rules.json", max_temp_mb=bad)
