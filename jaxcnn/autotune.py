@@ -289,10 +289,8 @@ def choose(timings: dict[str, dict], net: nw.Sequential, max_temp_mb: float | No
     gradient needs at most that many MiB of temporary memory count, as cuDNN's workspace limit (all where the
     backend reports none); where none does, the lightest."""
     timed = [c for c in candidates(net) if timings[label(*c)].get("skipped") is None]
-    if max_temp_mb is not None:
-        temp_mb = {c: timings[label(*c)]["temp_mb"] for c in timed}
-        if None not in temp_mb.values():
-            timed = [c for c in timed if temp_mb[c] <= max_temp_mb] or [min(timed, key=temp_mb.get)]
+    fits = within_limit(timings, [label(*c) for c in timed], max_temp_mb)
+    timed = [c for c in timed if label(*c) in fits] or [min(timed, key=lambda c: timings[label(*c)]["temp_mb"])]
     ms = {c: timings[label(*c)]["ms"] for c in timed}
     median = {c: timings[label(*c)]["median_ms"] for c in timed}
     fastest = min(ms, key=ms.get)
@@ -301,6 +299,14 @@ def choose(timings: dict[str, dict], net: nw.Sequential, max_temp_mb: float | No
     if None in memory.values():  # a backend that reports no memory: the fastest
         return fastest
     return min(tied, key=lambda c: (memory[c], ms[c]))
+
+
+def within_limit(timings: dict[str, dict], names: list[str], max_temp_mb: float | None) -> list[str]:
+    """Those of the timed candidates ``names`` whose temporary memory is at most ``max_temp_mb`` MiB: all of them
+    without a limit, or where the backend reports no memory."""
+    if max_temp_mb is None or any(timings[name]["temp_mb"] is None for name in names):
+        return list(names)
+    return [name for name in names if timings[name]["temp_mb"] <= max_temp_mb]
 
 
 def check_limit(where: str, name: str, value) -> None:
@@ -360,7 +366,7 @@ def tune(net: nw.Sequential, input_shape: tuple, batch: int, dtype=jnp.float32, 
                        for name, t in timings.items())
     timed = [name for name in ms if ms[name] is not None]
     limit = "" if max_temp_mb is None else f"at most {max_temp_mb:g} MiB of temporary memory"
-    fitting = [name for name in timed if max_temp_mb is None or temp_mb[name] is None or temp_mb[name] <= max_temp_mb]
+    fitting = within_limit(timings, timed, max_temp_mb)
     fastest, chosen = min(fitting or timed, key=ms.get), label(*best)
     if limit and any(temp_mb[name] is None for name in timed):
         why = f"; the limit of {limit} not applied: this backend reports no memory"
